@@ -1,0 +1,59 @@
+"""tbptt_jax: backpropagation through time and its exact truncated forms in JAX.
+
+The recurrence is a `jax.lax.scan` over a cell `cell(params, carry, x_t) ->
+(carry, y_t)`; truncation is `jax.lax.stop_gradient` on the carried state at
+the start of each backward window; a jitted update consumes the chunks of a
+long sequence in order. Modules, one idea each:
+
+  cells       the cell contract; the Elman cell; Flax cells; stacking
+  unroll      lax.scan over time, carry in / carry out, resets
+  truncation  TBPTT(k1, k2), window and per-loss styles: `tbptt_gradients`
+  streams     parallel streams of one long sequence: `batchify`, chunks
+  train       the optax-style training factory `tbptt_trainer`
+  synthetic   the r2rt synthetic task and its reference losses
+  cli         the `tbptt-jax` command
+"""
+
+from tbptt_jax import synthetic
+from tbptt_jax.cells import CELL_NAMES as CELL_NAMES
+from tbptt_jax.cells import Cell as Cell
+from tbptt_jax.cells import ElmanParams as ElmanParams
+from tbptt_jax.cells import cell_by_name as cell_by_name
+from tbptt_jax.cells import elman as elman
+from tbptt_jax.cells import elman_step as elman_step
+from tbptt_jax.cells import feedforward as feedforward
+from tbptt_jax.cells import flax_cell as flax_cell
+from tbptt_jax.cells import stack as stack
+from tbptt_jax.streams import batchify as batchify
+from tbptt_jax.streams import iterate_chunks as iterate_chunks
+from tbptt_jax.train import Trainer as Trainer
+from tbptt_jax.train import TrainState as TrainState
+from tbptt_jax.train import UpdateMetrics as UpdateMetrics
+from tbptt_jax.train import tbptt_trainer as tbptt_trainer
+from tbptt_jax.truncation import Lookback as Lookback
+from tbptt_jax.truncation import tbptt_gradients as tbptt_gradients
+from tbptt_jax.unroll import unroll as unroll
+
+__version__ = "0.1.0"
+
+__all__ = (
+  "CELL_NAMES",
+  "Cell",
+  "ElmanParams",
+  "Lookback",
+  "TrainState",
+  "Trainer",
+  "UpdateMetrics",
+  "batchify",
+  "cell_by_name",
+  "elman",
+  "elman_step",
+  "feedforward",
+  "flax_cell",
+  "iterate_chunks",
+  "stack",
+  "synthetic",
+  "tbptt_gradients",
+  "tbptt_trainer",
+  "unroll",
+)

@@ -1,0 +1,93 @@
+"""Argument checks shared by the public functions.
+
+Every check raises `ValueError` naming the function, the argument, what was
+expected and what was given. The checks read only static shapes, so they cost
+nothing under `jax.jit` (they run once, at trace time).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+
+STYLES = ("window", "per_loss")
+
+
+def positive_int(where: str, name: str, value: Any) -> int:
+  """Returns `value` if it is an integer >= 1, else raises."""
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+    raise ValueError(f"{where}: {name} must be an integer >= 1, got {value!r}")
+  return int(value)
+
+
+def truncation(where: str, k1: Any, k2: Any, style: Any) -> tuple[int, int, str]:
+  """Validates a truncation TBPTT(k1, k2) in `style`; returns it normalised."""
+  k1 = positive_int(where, "k1", k1)
+  k2 = positive_int(where, "k2", k2)
+  if style not in STYLES:
+    raise ValueError(f"{where}: style must be one of {STYLES}, got {style!r}")
+  if style == "window" and k2 < k1:
+    raise ValueError(
+      f"{where}: window style needs k2 >= k1 (each window must cover its whole "
+      f"block of k1 steps), got k1={k1}, k2={k2}"
+    )
+  return k1, k2, style
+
+
+def batch_time(where: str, name: str, tree: Any) -> tuple[int, int]:
+  """Returns the shared leading [batch, time] sizes of every leaf of `tree`."""
+  leaves = jax.tree.leaves(tree)
+  if not leaves:
+    raise ValueError(f"{where}: {name} must hold at least one array of shape [batch, time, ...]")
+  sizes = set()
+  for leaf in leaves:
+    shape = np.shape(leaf)
+    if len(shape) < 2:
+      raise ValueError(
+        f"{where}: {name} must have shape [batch, time, ...], got an array of shape {shape}"
+      )
+    sizes.add(tuple(shape[:2]))
+  if len(sizes) > 1:
+    raise ValueError(
+      f"{where}: every array in {name} must share [batch, time], got {sorted(sizes)}"
+    )
+  batch, time = sizes.pop()
+  if time == 0:
+    raise ValueError(f"{where}: {name} must have at least one time step, got time size 0")
+  if batch == 0:
+    raise ValueError(f"{where}: {name} must have at least one sequence, got batch size 0")
+  return batch, time
+
+
+def same_batch_time(where: str, name: str, tree: Any, batch: int, time: int) -> None:
+  """Checks that `tree` has the [batch, time] of the inputs."""
+  got = batch_time(where, name, tree)
+  if got != (batch, time):
+    raise ValueError(
+      f"{where}: {name} must have [batch, time] = [{batch}, {time}] like inputs, got {list(got)}"
+    )
+
+
+def leading_batch(where: str, name: str, tree: Any, batch: int) -> None:
+  """Checks that every leaf of a carry has leading axis `batch`."""
+  for leaf in jax.tree.leaves(tree):
+    shape = np.shape(leaf)
+    if len(shape) < 1 or shape[0] != batch:
+      raise ValueError(
+        f"{where}: every array in {name} must have leading batch size {batch} "
+        f"(the batch of inputs), got an array of shape {shape}"
+      )
+
+
+def resets(where: str, value: Any, batch: int, time: int) -> None:
+  """Checks a resets mask: boolean, shape [batch, time]."""
+  shape = np.shape(value)
+  if shape != (batch, time):
+    raise ValueError(
+      f"{where}: resets must have shape [batch, time] = [{batch}, {time}], got {shape}"
+    )
+  dtype = np.dtype(getattr(value, "dtype", None) or np.asarray(value).dtype)
+  if dtype != np.bool_:
+    raise ValueError(f"{where}: resets must be boolean, got dtype {dtype}")

@@ -1,0 +1,283 @@
+"""Recurrent cells: the one contract every recurrence in tbptt_jax meets.
+
+A cell's step function is
+
+    apply(params, carry, x_t) -> (carry, y_t)
+
+on a batch: `x_t` is one time step of the inputs, `[batch, ...]`, and every
+array in `carry` has a leading batch axis. This is exactly the signature of a
+`jax.lax.scan` body and of every Flax linen recurrent cell's `.apply`, so a Flax
+cell is used unchanged: `nn.LSTMCell(128).apply` *is* a step function.
+
+`Cell` bundles a step function with the two things a training loop also needs:
+how to make parameters and how to make the carry a sequence starts from. The
+combinators `feedforward` and `stack` build whole models (embedding, layers of
+cells, readout) as one `Cell`, whose `apply` then maps inputs to logits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from tbptt_jax import _checks
+
+Params = Any
+Carry = Any
+StepFn = Callable[[Params, Carry, Any], tuple[Carry, Any]]
+
+# `initial_carry` is deterministic: cells initialise their carry with zeros
+# (every Flax cell's default `carry_init`), and a fixed key keeps any other
+# `carry_init` reproducible.
+_CARRY_KEY = 0
+
+
+class Cell(NamedTuple):
+  """A recurrent cell as three pure functions (optax-style: no hidden state).
+
+  Attributes:
+    init: `init(rng, x_t) -> params`, from an example input step `[batch, ...]`.
+    initial_carry: `initial_carry(x_t) -> carry`, the state a sequence starts
+      from; only the shape of `x_t` (an array or `jax.ShapeDtypeStruct`) is read.
+    apply: the step function `apply(params, carry, x_t) -> (carry, y_t)`.
+  """
+
+  init: Callable[[jax.Array, Any], Params]
+  initial_carry: Callable[[Any], Carry]
+  apply: StepFn
+
+
+class ElmanParams(NamedTuple):
+  """Parameters of the Elman cell, named as in the equation."""
+
+  U: jax.Array  # shape=[in_features, hidden], input weights
+  W: jax.Array  # shape=[hidden, hidden], recurrent weights
+  b: jax.Array  # shape=[hidden], bias
+
+
+def elman_step(
+  params: ElmanParams,
+  s_tm1: jax.Array,
+  x_t: jax.Array,
+  activation: Callable[[jax.Array], jax.Array] = jnp.tanh,
+) -> tuple[jax.Array, jax.Array]:
+  """One step of the Elman network: s_t = tanh(U x_t + W s_{t-1} + b).
+
+  Batched, so the products are written row-wise: `x_t @ U + s_tm1 @ W + b`.
+
+  Args:
+    params: the weights `U`, `W`, `b`.
+    s_tm1: the previous state, `[batch, hidden]`.
+    x_t: the input, `[batch, in_features]`.
+    activation: the nonlinearity (tanh in Elman's network).
+
+  Returns:
+    `(s_t, s_t)`: the new state is both the carry and the output.
+
+  References:
+    Elman, "Finding Structure in Time", Cognitive Science 14, 1990.
+  """
+  s_t = activation(x_t @ params.U + s_tm1 @ params.W + params.b)
+  return s_t, s_t
+
+
+def elman(
+  hidden_size: int,
+  *,
+  activation: Callable[[jax.Array], jax.Array] = jnp.tanh,
+  input_init: jax.nn.initializers.Initializer = jax.nn.initializers.lecun_normal(),
+  recurrent_init: jax.nn.initializers.Initializer = jax.nn.initializers.orthogonal(),
+  param_dtype: Any = jnp.float32,
+) -> Cell:
+  """The classic Elman cell s_t = tanh(U x_t + W s_{t-1} + b), as a `Cell`.
+
+  Initialisation follows `flax.linen.SimpleCell` (LeCun-normal `U`, orthogonal
+  `W`, zero `b`); the carry starts at zero.
+
+  Args:
+    hidden_size: the size of the state s_t.
+    activation: the nonlinearity; tanh is Elman's.
+    input_init: initialiser of `U`.
+    recurrent_init: initialiser of `W`.
+    param_dtype: dtype of the parameters (and of the carry).
+
+  Returns:
+    A `Cell` whose `apply` is `elman_step`; input steps are `[batch, in_features]`.
+
+  Example:
+    >>> cell = elman(16)
+    >>> x_t = jnp.ones((4, 3))
+    >>> params = cell.init(jax.random.key(0), x_t)
+    >>> s_t, y_t = cell.apply(params, cell.initial_carry(x_t), x_t)
+    >>> s_t.shape
+    (4, 16)
+  """
+  hidden_size = _checks.positive_int("elman", "hidden_size", hidden_size)
+
+  def init(rng: jax.Array, x_t: Any) -> ElmanParams:
+    in_features = x_t.shape[-1]
+    k_u, k_w = jax.random.split(rng)
+    return ElmanParams(
+      U=input_init(k_u, (in_features, hidden_size), param_dtype),
+      W=recurrent_init(k_w, (hidden_size, hidden_size), param_dtype),
+      b=jnp.zeros((hidden_size,), param_dtype),
+    )
+
+  def initial_carry(x_t: Any) -> jax.Array:
+    return jnp.zeros((x_t.shape[0], hidden_size), param_dtype)
+
+  def apply(params: ElmanParams, s_tm1: jax.Array, x_t: jax.Array):
+    return elman_step(params, s_tm1, x_t, activation)
+
+  return Cell(init, initial_carry, apply)
+
+
+def flax_cell(module: nn.RNNCellBase) -> Cell:
+  """Wraps a Flax linen recurrent cell, unchanged, as a `Cell`.
+
+  `apply` is the module's own `.apply`; parameters are the module's variables
+  (`{"params": ...}`), and the carry is the module's `initialize_carry`.
+
+  Args:
+    module: any `flax.linen` recurrent cell: `nn.SimpleCell`, `nn.LSTMCell`,
+      `nn.OptimizedLSTMCell`, `nn.GRUCell`, `nn.MGUCell`, or a user cell with
+      `initialize_carry(rng, input_shape)` and `__call__(carry, x) -> (carry, y)`.
+
+  Example:
+    >>> cell = flax_cell(nn.LSTMCell(features=8))
+    >>> x_t = jnp.ones((2, 3))
+    >>> variables = cell.init(jax.random.key(0), x_t)
+    >>> (c, h), y = cell.apply(variables, cell.initial_carry(x_t), x_t)
+  """
+  if not isinstance(module, nn.Module) or not hasattr(module, "initialize_carry"):
+    raise ValueError(
+      "flax_cell: module must be a flax.linen recurrent cell with initialize_carry "
+      f"(e.g. nn.LSTMCell(features=128)), got {module!r}"
+    )
+
+  def init(rng: jax.Array, x_t: Any) -> Params:
+    x_t = _example(x_t)
+    return module.init(rng, module.initialize_carry(rng, x_t.shape), x_t)
+
+  def initial_carry(x_t: Any) -> Carry:
+    return module.initialize_carry(jax.random.key(_CARRY_KEY), x_t.shape)
+
+  return Cell(init, initial_carry, module.apply)
+
+
+def feedforward(layer: nn.Module | Callable[[jax.Array], jax.Array]) -> Cell:
+  """A layer without state (embedding, readout, nonlinearity) as a `Cell`.
+
+  Its carry is empty, `()`, so it composes with recurrent cells in `stack`.
+
+  Args:
+    layer: a Flax linen module applied to each step (`nn.Dense`, `nn.Embed`,
+      ...), or a parameter-free function of the step such as
+      `functools.partial(jax.nn.one_hot, num_classes=2)`.
+  """
+  if isinstance(layer, nn.Module):
+
+    def init(rng: jax.Array, x_t: Any) -> Params:
+      return layer.init(rng, _example(x_t))
+
+    def apply(params: Params, carry: tuple, x_t: Any):
+      return carry, layer.apply(params, x_t)
+
+  elif callable(layer):
+
+    def init(rng: jax.Array, x_t: Any) -> Params:
+      del rng, x_t
+      return ()
+
+    def apply(params: Params, carry: tuple, x_t: Any):
+      del params
+      return carry, layer(x_t)
+
+  else:
+    raise ValueError(f"feedforward: layer must be a flax module or a function, got {layer!r}")
+  return Cell(init, lambda x_t: (), apply)
+
+
+def stack(*cells: Cell) -> Cell:
+  """Composes cells in depth: layer l's output y_t is layer l+1's input.
+
+  Parameters and carry are tuples with one entry per layer.
+
+  Example: a two-layer LSTM language model over a 1000-word vocabulary.
+    >>> model = stack(
+    ...     feedforward(nn.Embed(1000, 64)),
+    ...     flax_cell(nn.LSTMCell(128)),
+    ...     flax_cell(nn.LSTMCell(128)),
+    ...     feedforward(nn.Dense(1000)),
+    ... )
+  """
+  if not cells or not all(isinstance(c, Cell) for c in cells):
+    raise ValueError(f"stack: expected one or more Cell, got {cells!r}")
+
+  def init(rng: jax.Array, x_t: Any) -> tuple:
+    params = []
+    for cell, key in zip(cells, jax.random.split(rng, len(cells)), strict=True):
+      x_t = _example(x_t)
+      layer_params = cell.init(key, x_t)
+      params.append(layer_params)
+      x_t = jax.eval_shape(
+        lambda x, c=cell, p=layer_params: c.apply(p, c.initial_carry(x), x)[1], x_t
+      )
+    return tuple(params)
+
+  def initial_carry(x_t: Any) -> tuple:
+    carries = []
+    for cell in cells:
+      carry = cell.initial_carry(x_t)
+      carries.append(carry)
+      # Only shapes are needed to size the next layer, so nothing is computed.
+      x_t = jax.eval_shape(
+        lambda x, c=cell, h=carry: c.apply(c.init(jax.random.key(_CARRY_KEY), x), h, x)[1], x_t
+      )
+    return tuple(carries)
+
+  def apply(params: tuple, carry: tuple, x_t: Any):
+    new_carry = []
+    for cell, layer_params, layer_carry in zip(cells, params, carry, strict=True):
+      layer_carry, x_t = cell.apply(layer_params, layer_carry, x_t)
+      new_carry.append(layer_carry)
+    return tuple(new_carry), x_t
+
+  return Cell(init, initial_carry, apply)
+
+
+def _example(x_t: Any) -> Any:
+  """Concrete zero arrays in place of the shape-only leaves of an example input."""
+  return jax.tree.map(
+    lambda a: jnp.zeros(a.shape, a.dtype) if isinstance(a, jax.ShapeDtypeStruct) else a, x_t
+  )
+
+
+# The cells the command line and the presets can name.
+_FLAX_CELLS = {
+  "simple": nn.SimpleCell,
+  "lstm": nn.LSTMCell,
+  "optimized_lstm": nn.OptimizedLSTMCell,
+  "gru": nn.GRUCell,
+  "mgu": nn.MGUCell,
+}
+CELL_NAMES = ("elman", *_FLAX_CELLS)
+
+
+def cell_by_name(name: str, hidden_size: int) -> Cell:
+  """A cell from its name: `"elman"` (this module) or a Flax cell's short name.
+
+  Args:
+    name: one of `CELL_NAMES`: elman, simple, lstm, optimized_lstm, gru, mgu.
+    hidden_size: the state size (`features` of a Flax cell).
+  """
+  hidden_size = _checks.positive_int("cell_by_name", "hidden_size", hidden_size)
+  if name == "elman":
+    return elman(hidden_size)
+  if name not in _FLAX_CELLS:
+    raise ValueError(f"cell_by_name: name must be one of {CELL_NAMES}, got {name!r}")
+  return flax_cell(_FLAX_CELLS[name](features=hidden_size))

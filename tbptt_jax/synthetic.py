@@ -1,0 +1,71 @@
+"""The synthetic task of r2rt.com's "Recurrent Neural Networks in Tensorflow I".
+
+Input X_t ~ Bernoulli(0.5) i.i.d.; output Y_t ~ Bernoulli(p_t) with
+
+    p_t = 0.5 + 0.5 X_{t-3} - 0.25 X_{t-8}    (terms before the start are 0).
+
+A model that learns neither dependency can do no better than the entropy of
+Y_t, 0.6616 nats; one that learns only the X_{t-3} dependency, 0.5192; one that
+learns both, 0.4545. Truncation decides which are learnable: a gradient path
+of length 3 (k2 > 3) is needed for X_{t-3} and of length 8 for X_{t-8}.
+
+Reference: r2rt.com, "Recurrent Neural Networks in Tensorflow I", 2016.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from tbptt_jax import _checks
+
+LAGS = (3, 8)  # the dependencies: X_{t-3} and X_{t-8}
+
+
+class ReferenceLosses(NamedTuple):
+  """Expected cross-entropy (nats) of the best predictor knowing each input."""
+
+  neither: float  # knows no dependency: the entropy of Y_t
+  lag3: float  # knows X_{t-3} only
+  both: float  # knows X_{t-3} and X_{t-8}
+
+
+def probability(x_lag3: np.ndarray, x_lag8: np.ndarray) -> np.ndarray:
+  """P(Y_t = 1 | X_{t-3}, X_{t-8})."""
+  return 0.5 + 0.5 * x_lag3 - 0.25 * x_lag8
+
+
+def sequence(rng: np.random.Generator, length: int) -> tuple[np.ndarray, np.ndarray]:
+  """Draws one series (X_1..X_T, Y_1..Y_T) of the task.
+
+  Args:
+    rng: a NumPy generator, e.g. `np.random.default_rng(0)`.
+    length: T >= 1.
+
+  Returns:
+    `(x, y)`, each an int32 array of shape [T] with values in {0, 1}.
+  """
+  length = _checks.positive_int("synthetic.sequence", "length", length)
+  x = rng.integers(0, 2, size=length, dtype=np.int32)
+  lagged = [np.concatenate([np.zeros(lag, np.int32), x[:-lag]])[:length] for lag in LAGS]
+  y = (rng.random(length) < probability(*lagged)).astype(np.int32)
+  return x, y
+
+
+def reference_losses() -> ReferenceLosses:
+  """The three reference levels, computed exactly from the task's definition."""
+  x3, x8 = np.meshgrid([0, 1], [0, 1], indexing="ij")  # equally likely cases
+  p = probability(x3, x8)
+
+  def entropy(q):  # of a Bernoulli(q), in nats; 0 log 0 = 0
+    q = np.asarray(q, float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+      h = -(q * np.log(q) + (1 - q) * np.log1p(-q))
+    return np.where((q > 0) & (q < 1), h, 0.0)
+
+  return ReferenceLosses(
+    neither=float(entropy(p.mean())),
+    lag3=float(np.mean(entropy(p.mean(axis=1)))),
+    both=float(np.mean(entropy(p))),
+  )

@@ -1,0 +1,180 @@
+"""Online TBPTT training: a jitted update that consumes many chunks per call.
+
+`tbptt_trainer` is an optax-style factory: it closes over the configuration
+(model, loss, optimizer, truncation) and returns a `Trainer` of pure functions;
+all state is a `TrainState` passed in and returned.
+
+One call of `update` takes `[batch, T, ...]` steps of every stream and makes
+ceil(T / k1) optimizer updates in order, each with the TBPTT(k1, k2) gradient
+of its block at the current parameters (see `tbptt_jax.truncation`). The
+blocks run in a `jax.lax.scan` inside one jitted call, so Python dispatch is
+paid once per call, not per update. The carry and the lookback (the last
+k2 - 1 steps, which later windows re-run) pass from call to call, so T steps
+in one call and the same steps split over several calls make the same
+updates, as long as the split points are multiples of k1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from tbptt_jax import _checks
+from tbptt_jax.cells import Carry, Cell, Params
+from tbptt_jax.truncation import (
+  Lookback,
+  LossFn,
+  block_gradients,
+  empty_lookback,
+  scan_blocks,
+)
+from tbptt_jax.unroll import time_major
+
+
+class TrainState(NamedTuple):
+  """Everything that changes during training."""
+
+  params: Params
+  opt_state: optax.OptState
+  carry: Carry  # leaves [batch, ...]: each stream's state after the last step seen
+  lookback: Lookback  # the last k2 - 1 steps of every stream, time-major
+  step: jax.Array  # shape=(), int32: optimizer updates made
+  rng: jax.Array  # PRNG key, for stochastic models (e.g. dropout)
+
+
+class UpdateMetrics(NamedTuple):
+  """Per-update metrics of one `update` call, each of shape [ceil(T / k1)]."""
+
+  loss: jax.Array  # the block objective: mean loss over the batch and block steps
+  grad_norm: jax.Array  # global norm of the TBPTT gradient, before clipping
+
+
+class Trainer(NamedTuple):
+  """The pure functions of a TBPTT training run.
+
+  Attributes:
+    init: `init(rng, inputs) -> TrainState`, from an example chunk
+      `[batch, T, ...]` (its first step sets parameter and carry shapes).
+    update: `update(state, inputs, targets, resets=None) -> (state, metrics)`,
+      jitted, donating `state`: consumes `[batch, T, ...]` steps of every
+      stream, making ceil(T / k1) updates; `metrics` is an `UpdateMetrics`.
+    reset: `reset(state) -> state`: restarts every stream (carry back to the
+      initial carry, lookback emptied), keeping parameters and optimizer
+      state; call it when the streams jump, e.g. at the start of an epoch.
+  """
+
+  init: Callable[[jax.Array, Any], TrainState]
+  update: Callable[..., tuple[TrainState, UpdateMetrics]]
+  reset: Callable[[TrainState], TrainState]
+
+
+def tbptt_trainer(
+  model: Cell,
+  loss_fn: LossFn,
+  optimizer: optax.GradientTransformation,
+  *,
+  k1: int,
+  k2: int | None = None,
+  style: str = "window",
+  max_grad_norm: float | None = None,
+  unroll: int | bool = 1,
+) -> Trainer:
+  """Builds a jitted TBPTT(k1, k2) training step for a recurrent model.
+
+  Args:
+    model: a `Cell` whose `apply(params, carry, x_t) -> (carry, out_t)` maps an
+      input step to the outputs `loss_fn` scores (e.g. logits); see
+      `tbptt_jax.stack` to build one from embedding, cells and readout.
+    loss_fn: `loss_fn(out_t, y_t) -> [batch]` per-example losses, e.g.
+      `optax.softmax_cross_entropy_with_integer_labels`.
+    optimizer: an optax optimizer.
+    k1: steps per update.
+    k2: steps each loss is backpropagated through; default k1 (chunked TBPTT).
+    style: `"window"` or `"per_loss"` (see `tbptt_jax.truncation`).
+    max_grad_norm: if set, each update's gradient is clipped to this global
+      norm (`optax.clip_by_global_norm`) before the optimizer.
+    unroll: passed to the `jax.lax.scan` over time.
+
+  Returns:
+    A `Trainer(init, update, reset)`.
+
+  Example:
+    >>> trainer = tbptt_trainer(model, optax.softmax_cross_entropy_with_integer_labels,
+    ...                         optax.adam(1e-3), k1=10, k2=20)
+    >>> state = trainer.init(jax.random.key(0), inputs)
+    >>> for x, y in iterate_chunks(streams, 100):  # 10 updates per call
+    ...   state, metrics = trainer.update(state, x, y)
+  """
+  where = "tbptt_trainer"
+  if not isinstance(model, Cell):
+    raise ValueError(f"{where}: model must be a tbptt_jax.Cell, got {type(model).__name__}")
+  if not isinstance(optimizer, optax.GradientTransformation):
+    raise ValueError(
+      f"{where}: optimizer must be an optax.GradientTransformation, got {type(optimizer).__name__}"
+    )
+  k1, k2, style = _checks.truncation(where, k1, k1 if k2 is None else k2, style)
+  if max_grad_norm is not None and not max_grad_norm > 0:
+    raise ValueError(f"{where}: max_grad_norm must be > 0 or None, got {max_grad_norm!r}")
+  if not isinstance(unroll, bool):
+    _checks.positive_int(where, "unroll", unroll)
+  if max_grad_norm is not None:
+    optimizer = optax.chain(optax.clip_by_global_norm(max_grad_norm), optimizer)
+
+  def start_of_sequence(x_t: Any) -> tuple[Carry, Lookback]:
+    carry = model.initial_carry(x_t)
+    return carry, empty_lookback(carry, x_t, k2)
+
+  def init(rng: jax.Array, inputs: Any) -> TrainState:
+    _checks.batch_time("init", "inputs", inputs)
+    x_t = jax.tree.map(lambda a: jnp.asarray(a)[:, 0], inputs)
+    rng_params, rng = jax.random.split(rng)
+    params = model.init(rng_params, x_t)
+    carry, lookback = start_of_sequence(x_t)
+    return TrainState(
+      params=params,
+      opt_state=optimizer.init(params),
+      carry=carry,
+      lookback=lookback,
+      step=jnp.zeros((), jnp.int32),
+      rng=rng,
+    )
+
+  def update(state: TrainState, inputs: Any, targets: Any, resets: Any = None):
+    batch, time = _checks.batch_time("update", "inputs", inputs)
+    _checks.same_batch_time("update", "targets", targets, batch, time)
+    _checks.leading_batch("update", "state.carry", state.carry, batch)
+    if resets is not None:
+      _checks.resets("update", resets, batch, time)
+      resets = jnp.asarray(resets).T
+    xs, ys = time_major(inputs), time_major(targets)
+    reset_carry = model.initial_carry(jax.tree.map(lambda a: a[0], xs))
+
+    def one_update(state: TrainState, block):
+      x, y, r = block
+      out = block_gradients(
+          model.apply, loss_fn, state.params, state.carry, state.lookback, x, y, r,
+          style=style, reset_carry=reset_carry, unroll=unroll,
+      )  # fmt: skip
+      updates, opt_state = optimizer.update(out.grads, state.opt_state, state.params)
+      state = state._replace(
+        params=optax.apply_updates(state.params, updates),
+        opt_state=opt_state,
+        carry=out.carry,
+        lookback=out.lookback,
+        step=state.step + 1,
+      )
+      return state, UpdateMetrics(out.loss, optax.global_norm(out.grads))
+
+    return scan_blocks(one_update, state, (xs, ys, resets), k1)
+
+  def reset(state: TrainState) -> TrainState:
+    # The lookback's inputs have the shape of one step of every stream.
+    x_t = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), state.lookback.inputs)
+    carry, lookback = start_of_sequence(x_t)
+    return state._replace(carry=carry, lookback=lookback)
+
+  return Trainer(init=init, update=jax.jit(update, donate_argnums=0), reset=reset)

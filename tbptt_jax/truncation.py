@@ -1,0 +1,334 @@
+r"""Truncated backpropagation through time, TBPTT(k1, k2), with exact semantics.
+
+Steps are numbered 1..T. TBPTT(k1, k2) makes one update every k1 steps: update
+i = 0..N-1, N = ceil(T / k1), covers the block of steps (i k1, e_i] with
+e_i = min((i+1) k1, T), and its objective is the mean of the per-step losses
+l_t over the batch and over the block,
+
+    L_i = 1 / (B |block_i|) * sum_{t in block_i} sum_b l_t^b.
+
+The truncation says through which steps each l_t is differentiated:
+
+* `style="window"` (Williams & Peng 1990): every l_t of block i through the
+  steps max(1, e_i - k2 + 1) .. e_i, the state s_{e_i - k2} entering that
+  window being a constant. Needs k2 >= k1.
+* `style="per_loss"`: each l_t through exactly the steps max(1, t - k2 + 1)..t,
+  s_{t - k2} being a constant (the per-output `bptt_truncate` of the
+  literature; with k1 = 1 both styles are "true" TBPTT).
+
+k1 = k2 = T is full BPTT and k1 = k2 = k is the chunked ("TensorFlow-style")
+TBPTT; neither is special-cased. The forward pass is never cut: the carry
+always equals the plain forward pass over all steps.
+
+How it is computed: every backward pass is a *window re-run* from a stored
+state made constant with `jax.lax.stop_gradient`. A window ends at the last
+step of its block (window style) or of its loss (per-loss style) and is k2 steps
+long, so it reaches up to k2 - 1 steps behind the block; those steps are kept
+in a `Lookback`. Steps before step 1 are padding that leaves the carry
+unchanged, which implements the `max(1, .)` above. Window style costs about
+k2 / k1 times chunked TBPTT; per-loss style runs one window per loss, k2 times
+the forward and backward work of its block, vectorised over the block.
+
+References:
+  Williams & Peng, "An Efficient Gradient-Based Algorithm for On-Line Training
+  of Recurrent Network Trajectories", Neural Computation 2(4), 1990.
+  Sutskever, "Training Recurrent Neural Networks", PhD thesis, Toronto, 2013,
+  section 2.8.6.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tbptt_jax import _checks
+from tbptt_jax.cells import Carry, Params, StepFn
+from tbptt_jax.unroll import masked_step, scan_steps, time_major
+
+LossFn = Callable[[Any, Any], jax.Array]
+
+
+class Lookback(NamedTuple):
+  """The last k2 - 1 steps before the current position, for windows to re-run.
+
+  A window of k2 steps that ends r >= 1 steps ahead starts k2 - r steps back,
+  so it re-runs the last k2 - r of these steps from the state that entered the
+  first of them. Padding steps (before step 1 of a sequence) are not `valid`.
+  """
+
+  states: Carry  # leaves [k2 - 1, batch, ...]: the carry entering each step
+  inputs: Any  # leaves [k2 - 1, batch, ...]: the step's input x_t
+  resets: jax.Array  # shape=[k2 - 1, batch], bool: the step's reset flag
+  valid: jax.Array  # shape=[k2 - 1], bool: False for padding before step 1
+
+
+class BlockResult(NamedTuple):
+  """The outcome of one TBPTT update's backward pass."""
+
+  grads: Params  # the gradient of the block objective L_i
+  loss: jax.Array  # shape=(), the block objective L_i
+  carry: Carry  # leaves [batch, ...]: the carry after the block
+  lookback: Lookback  # the k2 - 1 steps before the block's end
+
+
+def empty_lookback(carry: Carry, x_t: Any, k2: int) -> Lookback:
+  """The lookback at the start of a sequence: k2 - 1 padding steps.
+
+  Args:
+    carry: the carry entering step 1, leaves `[batch, ...]`.
+    x_t: an example input step, leaves `[batch, ...]` (only shapes are read).
+    k2: the truncation length.
+  """
+  n = k2 - 1
+  batch = jax.tree.leaves(x_t)[0].shape[0]
+  return Lookback(
+    states=jax.tree.map(lambda c: jnp.broadcast_to(c, (n,) + c.shape), carry),
+    inputs=jax.tree.map(lambda x: jnp.zeros((n,) + x.shape, x.dtype), x_t),
+    resets=jnp.zeros((n, batch), bool),
+    valid=jnp.zeros((n,), bool),
+  )
+
+
+def block_gradients(
+  step_fn: StepFn,
+  loss_fn: LossFn,
+  params: Params,
+  carry: Carry,
+  lookback: Lookback,
+  inputs: Any,
+  targets: Any,
+  resets: jax.Array | None,
+  *,
+  style: str,
+  reset_carry: Carry | None = None,
+  unroll: int | bool = 1,
+) -> BlockResult:
+  """The gradient of one TBPTT update, for a block of r <= k1 steps (time-major).
+
+  k2 is implied by the lookback (k2 - 1 steps). Arguments are as in
+  `tbptt_gradients`, except that `inputs`, `targets` and `resets` are
+  time-major, `[r, batch, ...]`, and `carry` is the carry entering the block.
+  """
+  r = jax.tree.leaves(inputs)[0].shape[0]
+  k2 = lookback.valid.shape[0] + 1
+  batch = lookback.resets.shape[1]
+  if reset_carry is None:
+    reset_carry = jax.tree.map(jnp.zeros_like, carry)
+
+  def mean_loss(losses: jax.Array) -> jax.Array:
+    if losses.shape != (r, batch):
+      raise ValueError(
+        f"loss_fn must return per-example losses of shape [batch] = [{batch}], "
+        f"got shape {losses.shape[1:]}"
+      )
+    return jnp.mean(losses)
+
+  block_resets = jnp.zeros((r, batch), bool) if resets is None else resets
+  # All steps at hand: the lookback's k2 - 1, then the block's r.
+  all_inputs = _concat(lookback.inputs, inputs)
+  all_resets = jnp.concatenate([lookback.resets, block_resets])
+  all_valid = jnp.concatenate([lookback.valid, jnp.ones((r,), bool)])
+
+  if style == "window":
+    # The window is the last k2 of all steps: k2 - r lookback steps, then the block.
+    n_back = k2 - r
+    anchor = carry if n_back == 0 else jax.tree.map(lambda s: s[r - 1], lookback.states)
+
+    def objective(params):
+      # Window-style truncation (Williams & Peng): the state entering the k2-step
+      # window is a constant, so no gradient reaches behind step e_i - k2 + 1.
+      s = jax.lax.stop_gradient(anchor)
+      carries = []
+      if n_back:
+        run = scan_steps(
+            step_fn, params, s, jax.tree.map(lambda a: a[r - 1 :], lookback.inputs),
+            resets=lookback.resets[r - 1 :], mask=lookback.valid[r - 1 :],
+            reset_carry=reset_carry, unroll=unroll, keep_outputs=False, keep_carries=True,
+        )  # fmt: skip
+        s = run.carry
+        carries.append(run.carries)
+      run = scan_steps(
+          step_fn, params, s, inputs, resets=resets, reset_carry=reset_carry, unroll=unroll,
+          keep_carries=True,
+      )  # fmt: skip
+      carries.append(run.carries)
+      loss = mean_loss(jax.vmap(loss_fn)(run.outputs, targets))
+      return loss, (run.carry, _concat(*carries))
+
+    (loss, (new_carry, window_carries)), grads = jax.value_and_grad(objective, has_aux=True)(params)
+    # The carry after window step j enters step j + 1: these enter the last k2 - 1.
+    new_states = jax.tree.map(lambda a: a[:-1], window_carries)
+  elif style == "per_loss":
+    # A forward pass over the block gives the states that enter its later steps.
+    run = scan_steps(
+        step_fn, params, carry, inputs, resets=resets, reset_carry=reset_carry, unroll=unroll,
+        keep_outputs=False, keep_carries=True,
+    )  # fmt: skip
+    new_carry = run.carry
+    # The carry entering each of all steps.
+    entering = _concat(lookback.states, _expand(carry), jax.tree.map(lambda a: a[:-1], run.carries))
+    new_states = jax.tree.map(lambda a: a[r:], entering)
+    # Loss j (the block's step j) owns the window of all steps j .. j + k2 - 1.
+    window_idx = np.arange(r)[:, None] + np.arange(k2)[None, :]
+    windows = jax.tree.map(lambda a: a[window_idx], (all_inputs, all_resets, all_valid))
+    anchors = jax.tree.map(lambda a: a[:r], entering)
+
+    def window_loss(params, anchor, window, y_t):
+      # Per-loss truncation: l_t is differentiated through its own k2 steps
+      # t - k2 + 1 .. t only; the state s_{t - k2} entering them is a constant.
+      s = jax.lax.stop_gradient(anchor)
+      xs, rs, vs = window
+      s = scan_steps(
+          step_fn, params, s, jax.tree.map(lambda a: a[:-1], xs), resets=rs[:-1], mask=vs[:-1],
+          reset_carry=reset_carry, unroll=unroll, keep_outputs=False,
+      ).carry  # fmt: skip
+      # Step t itself is a block step, never padding.
+      _, out_t = masked_step(
+          step_fn, params, s, jax.tree.map(lambda a: a[-1], xs), reset_t=rs[-1],
+          reset_carry=reset_carry,
+      )  # fmt: skip
+      return loss_fn(out_t, y_t)
+
+    def objective(params):
+      losses = jax.vmap(window_loss, in_axes=(None, 0, 0, 0))(params, anchors, windows, targets)
+      return mean_loss(losses)
+
+    loss, grads = jax.value_and_grad(objective)(params)
+  else:  # pragma: no cover - callers validate `style`
+    raise ValueError(f"unknown style {style!r}")
+
+  new_lookback = Lookback(
+    states=new_states,
+    inputs=jax.tree.map(lambda a: a[r:], all_inputs),
+    resets=all_resets[r:],
+    valid=all_valid[r:],
+  )
+  return BlockResult(grads, loss, new_carry, new_lookback)
+
+
+def scan_blocks(
+  block_fn: Callable[[Any, Any], tuple[Any, Any]],
+  state: Any,
+  sequences: Any,
+  k1: int,
+) -> tuple[Any, Any]:
+  """Runs `block_fn` over the consecutive blocks of k1 steps of `sequences`.
+
+  The full blocks go through one `jax.lax.scan`; a last, shorter block of
+  T mod k1 steps follows it, so no step is dropped.
+
+  Args:
+    block_fn: `block_fn(state, block) -> (state, out)`, `block` being
+      `sequences` cut to the block's steps.
+    state: the initial state.
+    sequences: leaves `[T, ...]`, time-major.
+    k1: the block length.
+
+  Returns:
+    `(state, outs)`, each leaf of `outs` stacked on a leading axis of length
+    ceil(T / k1), one entry per block.
+  """
+  time = jax.tree.leaves(sequences)[0].shape[0]
+  n_full, tail = divmod(time, k1)
+  outs = []
+  if n_full:
+    full = jax.tree.map(lambda a: a[: n_full * k1].reshape((n_full, k1) + a.shape[1:]), sequences)
+    state, out = jax.lax.scan(block_fn, state, full)
+    outs.append(out)
+  if tail:
+    state, out = block_fn(state, jax.tree.map(lambda a: a[n_full * k1 :], sequences))
+    outs.append(_expand(out))
+  return state, _concat(*outs)
+
+
+def tbptt_gradients(
+  step_fn: StepFn,
+  loss_fn: LossFn,
+  params: Params,
+  carry: Carry,
+  inputs: Any,
+  targets: Any,
+  *,
+  k1: int,
+  k2: int,
+  style: str = "window",
+  resets: jax.typing.ArrayLike | None = None,
+  reset_carry: Carry | None = None,
+  unroll: int | bool = 1,
+) -> tuple[Params, Carry]:
+  r"""The gradients of every update of TBPTT(k1, k2) over a sequence, at fixed params.
+
+  For update i (block (i k1, e_i], see the module docstring) the gradient is
+
+      g_i = 1 / (B |block_i|) * sum_{t in block_i} sum_b d l_t^b / d theta,
+
+  where l_t is differentiated through the steps max(1, e_i - k2 + 1)..e_i
+  (window style) or max(1, t - k2 + 1)..t (per-loss style) only.
+
+  Args:
+    step_fn: `step_fn(params, carry, x_t) -> (carry, out_t)` on a batch.
+    loss_fn: `loss_fn(out_t, y_t) -> [batch]`, the per-example losses l_t.
+    params: the parameters, fixed for every update.
+    carry: the carry entering step 1, leaves `[batch, ...]`.
+    inputs: leaves `[batch, T, ...]`.
+    targets: leaves `[batch, T, ...]`.
+    k1: steps per update (the block length), >= 1.
+    k2: steps each loss is backpropagated through, >= 1 (>= k1 in window style).
+    style: `"window"` or `"per_loss"`.
+    resets: optional `[batch, T]` bool: where True the stream restarts from
+      `reset_carry` before that step, which also cuts the backward pass there.
+    reset_carry: the carry a reset restores; default zeros.
+    unroll: passed to the inner `jax.lax.scan` over time.
+
+  Returns:
+    `(grads, final_carry)`: `grads` is the pytree of `params` with a new leading
+    axis of length ceil(T / k1), the gradient of each update; `final_carry` is
+    the carry after step T, the same whatever k1, k2 and style.
+
+  Example: chunked TBPTT with k = 10 is `k1=k2=10`; full BPTT is `k1=k2=T`.
+    >>> step = jax.jit(functools.partial(tbptt_gradients, cell.apply, loss_fn,
+    ...                                  k1=5, k2=10, style="window"))
+    >>> grads, carry = step(params, carry, inputs, targets)
+
+  References:
+    Williams & Peng 1990; Sutskever 2013 (thesis, section 2.8.6).
+  """
+  where = "tbptt_gradients"
+  k1, k2, style = _checks.truncation(where, k1, k2, style)
+  batch, time = _checks.batch_time(where, "inputs", inputs)
+  _checks.same_batch_time(where, "targets", targets, batch, time)
+  _checks.leading_batch(where, "carry", carry, batch)
+  if resets is not None:
+    _checks.resets(where, resets, batch, time)
+    resets = jnp.asarray(resets).T
+  if reset_carry is not None:
+    _checks.leading_batch(where, "reset_carry", reset_carry, batch)
+  if not isinstance(unroll, bool):
+    _checks.positive_int(where, "unroll", unroll)
+
+  xs, ys = time_major(inputs), time_major(targets)
+  lookback = empty_lookback(carry, jax.tree.map(lambda a: a[0], xs), k2)
+
+  def block(state, blk):
+    carry, lookback = state
+    x, y, r = blk
+    out = block_gradients(
+        step_fn, loss_fn, params, carry, lookback, x, y, r,
+        style=style, reset_carry=reset_carry, unroll=unroll,
+    )  # fmt: skip
+    return (out.carry, out.lookback), out.grads
+
+  (carry, _), grads = scan_blocks(block, (carry, lookback), (xs, ys, resets), k1)
+  return grads, carry
+
+
+def _expand(tree: Any) -> Any:
+  return jax.tree.map(lambda a: a[None], tree)
+
+
+def _concat(*trees: Any) -> Any:
+  return jax.tree.map(lambda *a: jnp.concatenate(a), *trees)

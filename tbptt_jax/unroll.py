@@ -1,0 +1,189 @@
+"""Unrolling a cell over time with `jax.lax.scan`: carry in, carry out.
+
+`unroll` is the public, batch-major entry point. `scan_steps` is the time-major
+core that it and the truncation engine share; it adds the two per-step masks
+the engine needs:
+
+* `resets[t, b]`: before step t, stream b's carry is replaced by `reset_carry`
+  (a document or episode boundary). The replaced carry is a constant, so the
+  gradient through it is zero: a reset cuts the backward pass as well.
+* `mask[t]`: when False, step t leaves the carry unchanged (padding that the
+  truncation engine puts before the first step of a sequence).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from tbptt_jax import _checks
+from tbptt_jax.cells import Carry, Params, StepFn
+
+
+class Unrolled(NamedTuple):
+  """What `scan_steps` returns; fields not asked for are None."""
+
+  carry: Carry  # leaves [batch, ...]: the carry after the last step
+  outputs: Any  # leaves [time, batch, ...]: y_t of every step
+  carries: Carry  # leaves [time, batch, ...]: the carry after every step
+
+
+def masked_step(
+  step_fn: StepFn,
+  params: Params,
+  carry: Carry,
+  x_t: Any,
+  *,
+  reset_t: jax.Array | None = None,
+  mask_t: jax.Array | None = None,
+  reset_carry: Carry | None = None,
+) -> tuple[Carry, Any]:
+  """One step of the cell with an optional reset before it and padding mask.
+
+  Args:
+    step_fn: `step_fn(params, carry, x_t) -> (carry, y_t)`.
+    params: the cell's parameters.
+    carry: the carry entering the step, leaves `[batch, ...]`.
+    x_t: the step's input, leaves `[batch, ...]`.
+    reset_t: `[batch]` bool; where True the step starts from `reset_carry`.
+    mask_t: `[]` or `[batch]` bool; where False the carry passes through.
+    reset_carry: the carry a reset restores (required with `reset_t`).
+
+  Returns:
+    `(carry, y_t)`.
+  """
+  carry_in = carry if reset_t is None else _select(reset_t, reset_carry, carry)
+  new_carry, y_t = step_fn(params, carry_in, x_t)
+  if mask_t is not None:
+    new_carry = _select(mask_t, new_carry, carry)
+  return new_carry, y_t
+
+
+def scan_steps(
+  step_fn: StepFn,
+  params: Params,
+  carry: Carry,
+  inputs: Any,
+  *,
+  resets: jax.Array | None = None,
+  mask: jax.Array | None = None,
+  reset_carry: Carry | None = None,
+  unroll: int | bool = 1,
+  keep_outputs: bool = True,
+  keep_carries: bool = False,
+) -> Unrolled:
+  """Runs `step_fn` over the leading (time) axis of `inputs`: the time-major core.
+
+  Args:
+    step_fn: `step_fn(params, carry, x_t) -> (carry, y_t)`.
+    params: the cell's parameters.
+    carry: the initial carry, leaves `[batch, ...]`.
+    inputs: leaves `[time, batch, ...]`.
+    resets: optional `[time, batch]` bool, see the module docstring.
+    mask: optional `[time]` or `[time, batch]` bool, see the module docstring.
+    reset_carry: the carry a reset restores; default zeros shaped like `carry`.
+    unroll: passed to `jax.lax.scan`.
+    keep_outputs: stack and return y_t (else `outputs` is None, and XLA drops
+      whatever only fed them).
+    keep_carries: stack and return the carry after every step.
+
+  Returns:
+    `Unrolled(carry, outputs, carries)`.
+  """
+  if resets is not None and reset_carry is None:
+    reset_carry = jax.tree.map(jnp.zeros_like, carry)
+
+  def body(carry, step):
+    x_t, reset_t, mask_t = step
+    carry, y_t = masked_step(
+      step_fn, params, carry, x_t, reset_t=reset_t, mask_t=mask_t, reset_carry=reset_carry
+    )
+    return carry, (y_t if keep_outputs else None, carry if keep_carries else None)
+
+  carry, (outputs, carries) = jax.lax.scan(body, carry, (inputs, resets, mask), unroll=unroll)
+  return Unrolled(carry, outputs, carries)
+
+
+def unroll(
+  step_fn: StepFn,
+  params: Params,
+  carry: Carry,
+  inputs: Any,
+  *,
+  resets: jax.typing.ArrayLike | None = None,
+  reset_carry: Carry | None = None,
+  unroll: int | bool = 1,
+) -> tuple[Carry, Any]:
+  """Runs a cell over a batch of sequences: carry in, carry out.
+
+  The recurrence is (carry_t, y_t) = step_fn(params, carry_{t-1}, x_t) for
+  t = 1..T, with carry_{t-1} replaced by `reset_carry` wherever `resets` marks
+  step t. Chunks chain exactly: unrolling x_{1..T} equals unrolling x_{1..m}
+  and then x_{m+1..T} from the carry the first call returned.
+
+  Args:
+    step_fn: `step_fn(params, carry, x_t) -> (carry, y_t)` on a batch, e.g. a
+      `Cell`'s `apply` or a Flax cell's `.apply`.
+    params: the cell's parameters.
+    carry: the carry entering step 1, leaves `[batch, ...]`.
+    inputs: leaves `[batch, time, ...]`.
+    resets: optional `[batch, time]` bool: where True, the sequence restarts at
+      that step (a document or episode boundary).
+    reset_carry: the carry a reset restores, leaves `[batch, ...]`; default
+      zeros, the initial carry of the Elman cell and of every Flax cell.
+    unroll: how many steps `jax.lax.scan` unrolls per loop iteration.
+
+  Returns:
+    `(carry, outputs)`: the carry after step T, and y_t with leaves
+    `[batch, time, ...]`.
+
+  Example:
+    >>> cell = elman(8)
+    >>> x = jnp.ones((4, 10, 3))
+    >>> params = cell.init(jax.random.key(0), x[:, 0])
+    >>> carry, ys = unroll(cell.apply, params, cell.initial_carry(x[:, 0]), x)
+    >>> ys.shape
+    (4, 10, 8)
+  """
+  where = "unroll"
+  batch, time = _checks.batch_time(where, "inputs", inputs)
+  _checks.leading_batch(where, "carry", carry, batch)
+  if resets is not None:
+    _checks.resets(where, resets, batch, time)
+    resets = jnp.asarray(resets).T
+    if reset_carry is not None:
+      _checks.leading_batch(where, "reset_carry", reset_carry, batch)
+  if not isinstance(unroll, bool):
+    _checks.positive_int(where, "unroll", unroll)
+  result = scan_steps(
+    step_fn,
+    params,
+    carry,
+    time_major(inputs),
+    resets=resets,
+    reset_carry=reset_carry,
+    unroll=unroll,
+  )
+  return result.carry, batch_major(result.outputs)
+
+
+def time_major(tree: Any) -> Any:
+  """`[batch, time, ...]` leaves to `[time, batch, ...]`."""
+  return jax.tree.map(lambda a: jnp.swapaxes(jnp.asarray(a), 0, 1), tree)
+
+
+def batch_major(tree: Any) -> Any:
+  """`[time, batch, ...]` leaves to `[batch, time, ...]`."""
+  return jax.tree.map(lambda a: jnp.swapaxes(a, 0, 1), tree)
+
+
+def _select(flag: jax.Array, on_true: Carry, on_false: Carry) -> Carry:
+  """Per-stream `where` over a carry; `flag` is `[]` or `[batch]`."""
+
+  def leaf(a, b):
+    f = jnp.reshape(flag, jnp.shape(flag) + (1,) * (a.ndim - jnp.ndim(flag)))
+    return jnp.where(f, a, b)
+
+  return jax.tree.map(leaf, on_true, on_false)
