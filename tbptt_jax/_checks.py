@@ -81,6 +81,22 @@ def leading_batch(where: str, name: str, tree: Any, batch: int) -> None:
       )
 
 
+def like(where: str, name: str, tree: Any, reference_name: str, reference: Any) -> None:
+  """Checks that `tree` has the structure and leaf shapes of `reference`."""
+  got, want = jax.tree.structure(tree), jax.tree.structure(reference)
+  if got != want:
+    raise ValueError(
+      f"{where}: {name} must have the tree structure of {reference_name}, {want}, got {got}"
+    )
+  for a, b in zip(jax.tree.leaves(tree), jax.tree.leaves(reference), strict=True):
+    if np.shape(a) != np.shape(b):
+      raise ValueError(
+        f"{where}: {name} must have the shapes of {reference_name}, "
+        f"{[np.shape(x) for x in jax.tree.leaves(reference)]}, "
+        f"got {[np.shape(x) for x in jax.tree.leaves(tree)]}"
+      )
+
+
 def resets(where: str, value: Any, batch: int, time: int) -> None:
   """Checks a resets mask: boolean, shape [batch, time]."""
   shape = np.shape(value)

@@ -31,7 +31,8 @@ def batchify(tokens: Any, batch_size: int) -> np.ndarray:
     batch_size: the number of streams, 1 <= batch_size <= len(tokens).
 
   Returns:
-    A NumPy array `[batch_size, L]` of the tokens' dtype.
+    A NumPy array `[batch_size, L]` of the tokens' dtype; a view of `tokens`
+    when that is a NumPy array, so a large corpus is not copied.
 
   Example:
     >>> batchify(np.arange(10), 3)
@@ -81,8 +82,9 @@ def iterate_chunks(
     targets: optional `[batch, L]` targets aligned with `streams`.
     epochs: how many passes over the streams, >= 1.
 
-  Yields:
-    `(inputs, targets)`, each a NumPy array `[batch, n]` with n <= chunk_len.
+  Returns:
+    An iterator of `(inputs, targets)`, each a NumPy array `[batch, n]` with
+    n <= chunk_len. Arguments are checked at the call, not at the first chunk.
   """
   where = "iterate_chunks"
   streams = np.asarray(streams)
@@ -105,7 +107,12 @@ def iterate_chunks(
       )
     if inputs.shape[1] < 1:
       raise ValueError(f"{where}: streams must have at least one step, got shape {inputs.shape}")
-  steps = inputs.shape[1]
+  return _chunks(inputs, targets, chunk_len, epochs)
+
+
+def _chunks(
+  inputs: np.ndarray, targets: np.ndarray, chunk_len: int, epochs: int
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
   for _ in range(epochs):
-    for start in range(0, steps, chunk_len):
+    for start in range(0, inputs.shape[1], chunk_len):
       yield inputs[:, start : start + chunk_len], targets[:, start : start + chunk_len]

@@ -167,7 +167,7 @@ def tbptt_trainer(
         lookback=out.lookback,
         step=state.step + 1,
       )
-      return state, UpdateMetrics(out.loss, optax.global_norm(out.grads))
+      return state, UpdateMetrics(out.loss, optax.tree.norm(out.grads))
 
     return scan_blocks(one_update, state, (xs, ys, resets), k1)
 

@@ -306,7 +306,7 @@ def tbptt_gradients(
     _checks.resets(where, resets, batch, time)
     resets = jnp.asarray(resets).T
   if reset_carry is not None:
-    _checks.leading_batch(where, "reset_carry", reset_carry, batch)
+    _checks.like(where, "reset_carry", reset_carry, "carry", carry)
   if not isinstance(unroll, bool):
     _checks.positive_int(where, "unroll", unroll)
 

@@ -153,8 +153,8 @@ def unroll(
   if resets is not None:
     _checks.resets(where, resets, batch, time)
     resets = jnp.asarray(resets).T
-    if reset_carry is not None:
-      _checks.leading_batch(where, "reset_carry", reset_carry, batch)
+  if reset_carry is not None:
+    _checks.like(where, "reset_carry", reset_carry, "carry", carry)
   if not isinstance(unroll, bool):
     _checks.positive_int(where, "unroll", unroll)
   result = scan_steps(
