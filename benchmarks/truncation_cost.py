@@ -201,15 +201,23 @@ class _Run:
     )
     self.steps = args.updates_per_call * config.k1
     self.tokens = args.batch_size * self.steps
-    # Random tokens, on the device before timing starts: one chunk for the
-    # warm-up call and a new one for every timed call.
-    shape = (args.repeats + 1, args.batch_size, self.steps)
-    self.inputs = jax.device_put(rng.integers(0, args.vocab, shape, dtype=np.int32))
-    self.targets = jax.device_put(rng.integers(0, args.vocab, shape, dtype=np.int32))
+
+    # Random tokens, one chunk for the warm-up call and a new one for every
+    # timed call, each already its own device array so that no slicing or
+    # host-to-device copy falls inside a timed call.
+    def chunks() -> list[jax.Array]:
+      shape = (args.batch_size, self.steps)
+      return [
+        jax.device_put(rng.integers(0, args.vocab, shape, dtype=np.int32))
+        for _ in range(args.repeats + 1)
+      ]
+
+    self.inputs, self.targets = chunks(), chunks()
     self.state = self.trainer.init(jax.random.key(0), self.inputs[0])
     self.seconds: list[float] = []
     self.compile_seconds = float("nan")
     self.last_loss = float("nan")
+    self._metrics = None
 
   def call(self, i: int) -> float:
     """Makes one `update` call on chunk i; returns its wall time in seconds."""

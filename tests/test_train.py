@@ -2,6 +2,7 @@
 
 import functools
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -40,10 +41,6 @@ def data(time, seed=0):
   return x, y
 
 
-def assert_trees_close(a, b, rtol, atol):
-  jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=rtol, atol=atol), a, b)
-
-
 @pytest.mark.parametrize("style,k1,k2", [("window", 2, 5), ("window", 3, 3), ("per_loss", 3, 2)])
 def test_each_update_is_the_tbptt_gradient_across_calls(style, k1, k2):
   """One block per call, the last one partial: the lookback makes calls seamless.
@@ -65,8 +62,10 @@ def test_each_update_is_the_tbptt_gradient_across_calls(style, k1, k2):
     cut = slice(start, start + k1)
     state, metrics = trainer.update(state, x[:, cut], y[:, cut])
     assert metrics.loss.shape == (1,)
-    assert_trees_close(state.opt_state, jax.tree.map(lambda g, i=i: g[i], want), 1e-5, 1e-7)
-  assert_trees_close(state.carry, want_carry, 1e-6, 1e-7)
+    chex.assert_trees_all_close(
+      state.opt_state, jax.tree.map(lambda g, i=i: g[i], want), rtol=1e-5, atol=1e-7
+    )
+  chex.assert_trees_all_close(state.carry, want_carry, rtol=1e-6, atol=1e-7)
   assert int(state.step) == -(-time // k1)
 
 
@@ -83,8 +82,8 @@ def test_calls_split_at_block_borders_make_the_same_updates():
     split, metrics = trainer.update(split, x[:, start:stop], y[:, start:stop])
     losses.append(metrics.loss)
   np.testing.assert_allclose(np.concatenate(losses), one_metrics.loss, rtol=1e-5)
-  assert_trees_close(split.params, one.params, 1e-5, 1e-6)
-  assert_trees_close(split.carry, one.carry, 1e-5, 1e-6)
+  chex.assert_trees_all_close(split.params, one.params, rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(split.carry, one.carry, rtol=1e-5, atol=1e-6)
   assert one_metrics.loss.shape == (time // k1,)
 
 
@@ -103,8 +102,8 @@ def test_online_chunked_training_matches_a_manual_loop():
     cut = slice(i * k, (i + 1) * k)
     grads, carry = step(params, carry, x[:, cut], y[:, cut])
     params = jax.tree.map(lambda p, g: p - lr * g[0], params, grads)
-  assert_trees_close(state.params, params, 1e-5, 1e-6)
-  assert_trees_close(state.carry, carry, 1e-5, 1e-6)
+  chex.assert_trees_all_close(state.params, params, rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(state.carry, carry, rtol=1e-5, atol=1e-6)
 
 
 def test_update_compiles_once():
@@ -162,12 +161,12 @@ def test_reset_restarts_every_stream():
   fresh = jax.tree.map(jnp.copy, state)  # `update` donates state
   state, _ = trainer.update(state, x, y)
   state = trainer.reset(state)
-  assert_trees_close(state.carry, model.initial_carry(x[:, 0]), 0, 0)
+  chex.assert_trees_all_equal(state.carry, model.initial_carry(x[:, 0]))
   assert not np.asarray(state.lookback.valid).any()
   state, after_reset = trainer.update(state, x, y)
   fresh, from_start = trainer.update(fresh, x, y)
   np.testing.assert_allclose(after_reset.loss, from_start.loss, rtol=1e-6)
-  assert_trees_close(state.opt_state, fresh.opt_state, 1e-6, 1e-8)
+  chex.assert_trees_all_close(state.opt_state, fresh.opt_state, rtol=1e-6, atol=1e-8)
 
 
 def test_resets_match_tbptt_gradients():
@@ -183,8 +182,10 @@ def test_resets_match_tbptt_gradients():
   for i in range(3):
     cut = slice(2 * i, 2 * i + 2)
     state, _ = trainer.update(state, x[:, cut], y[:, cut], resets[:, cut])
-    assert_trees_close(state.opt_state, jax.tree.map(lambda g, i=i: g[i], want), 1e-5, 1e-7)
-  assert_trees_close(state.carry, want_carry, 1e-6, 1e-7)
+    chex.assert_trees_all_close(
+      state.opt_state, jax.tree.map(lambda g, i=i: g[i], want), rtol=1e-5, atol=1e-7
+    )
+  chex.assert_trees_all_close(state.carry, want_carry, rtol=1e-6, atol=1e-7)
 
 
 def r2rt_final_loss(k, updates=3000, seed=0):

@@ -2,6 +2,7 @@
 
 import functools
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -159,8 +160,8 @@ def test_chunked_tbptt_is_independent_chunks_with_carried_state():
     cut = slice(i * k, (i + 1) * k)
     want, carry = chunk_grad(params, carry, x[:, cut], y[:, cut])
     got = jax.tree.map(lambda g, i=i: g[i], grads)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), got, want)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), final, carry)
+    chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-7)
+  chex.assert_trees_all_close(final, carry, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize(

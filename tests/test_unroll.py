@@ -1,5 +1,6 @@
 """Tests of `tbptt_jax.unroll`: chunks chain, resets restart and cut, gradients, checks."""
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -31,12 +32,6 @@ def _setup(name, seed=0):
   return cell, params, carry, x
 
 
-def _assert_trees_close(got, want, atol):
-  assert jax.tree.structure(got) == jax.tree.structure(want)
-  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-    np.testing.assert_allclose(g, w, rtol=0, atol=atol)
-
-
 def _reference_unroll(step_fn, params, carry, x, resets, reset_carry):
   """Per stream, step by step, replacing the carry by hand where `resets` marks a step."""
   final_carries, outputs = [], []
@@ -65,7 +60,7 @@ def test_chained_chunks_equal_one_scan(name):
   np.testing.assert_allclose(
     jnp.concatenate([outputs_a, outputs_b], axis=1), want_outputs, rtol=0, atol=1e-6
   )
-  _assert_trees_close(carry_b, want_carry, atol=1e-6)
+  chex.assert_trees_all_close(carry_b, want_carry, rtol=0, atol=1e-6)
 
 
 # Stream 0 restarts at its first step and once more; stream 1 restarts twice later on.
@@ -92,7 +87,7 @@ def test_resets_restart_each_stream_from_reset_carry(name, given_reset_carry):
   )
   want_carry, want_outputs = _reference_unroll(cell.apply, params, carry, x, _RESETS, reset_carry)
   np.testing.assert_allclose(got_outputs, want_outputs, rtol=0, atol=1e-6)
-  _assert_trees_close(got_carry, want_carry, atol=1e-6)
+  chex.assert_trees_all_close(got_carry, want_carry, rtol=0, atol=1e-6)
   # The resets matter: without them the outputs differ.
   _, plain_outputs = tbptt_jax.unroll(cell.apply, params, carry, x)
   assert np.max(np.abs(plain_outputs - got_outputs)) > 1e-3
@@ -134,7 +129,7 @@ def test_scan_unroll_gives_the_same_results(name, unroll):
     cell.apply, params, carry, x, resets=_RESETS, unroll=unroll
   )
   np.testing.assert_allclose(got_outputs, want_outputs, rtol=0, atol=1e-6)
-  _assert_trees_close(got_carry, want_carry, atol=1e-6)
+  chex.assert_trees_all_close(got_carry, want_carry, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("with_resets", [False, True], ids=["plain", "resets"])
