@@ -34,8 +34,6 @@ import argparse
 import datetime
 import gc
 import json
-import os
-import platform
 import shlex
 import statistics
 import sys
@@ -43,10 +41,9 @@ import time
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
-import flax
+import common
 import flax.linen as nn
 import jax
-import jaxlib
 import numpy as np
 import optax
 
@@ -146,39 +143,6 @@ def _configs(k1: int, ratios: Sequence[int]) -> list[Config]:
   window = [Config("window", k1, ratio * k1) for ratio in ratios]
   per_loss = [Config("per_loss", 1, k1), Config("per_loss", k1, k1)]
   return window + per_loss
-
-
-def _cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.lower().startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or "unknown"
-
-
-def _machine() -> dict[str, Any]:
-  return {
-    "devices": [str(d) for d in jax.devices()],
-    "backend": jax.default_backend(),
-    "jax": jax.__version__,
-    "jaxlib": jaxlib.__version__,
-    "flax": flax.__version__,
-    "optax": optax.__version__,
-    "python": platform.python_version(),
-    "cpu_model": _cpu_model(),
-    "cpu_count": os.cpu_count(),
-    "platform": platform.platform(),
-  }
-
-
-def _loadavg() -> list[float] | None:
-  try:
-    return [round(x, 2) for x in os.getloadavg()]
-  except OSError:
-    return None
 
 
 class _Run:
@@ -307,8 +271,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = _parse_args(argv)
   started = datetime.datetime.now(datetime.UTC)
   wall_start = time.perf_counter()
-  machine = _machine()
-  load_before = _loadavg()
+  machine = common.machine()
+  load_before = common.load_average()
   print("# tbptt_jax truncation cost")
   print(f"command: {shlex.join(sys.argv)}")
   print(f"python: {sys.executable}")
@@ -331,7 +295,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   for run in runs:
     run.check()
   rows = _results(runs)
-  load_after = _loadavg()
+  load_after = common.load_average()
   wall_seconds = time.perf_counter() - wall_start
 
   print()

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import functools
 import json
 import os
 import sys
@@ -20,7 +19,6 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-import flax.linen as nn
 import flax.serialization
 import jax
 import numpy as np
@@ -29,8 +27,8 @@ from tqdm import tqdm
 
 from tbptt_jax import synthetic
 from tbptt_jax._checks import STYLES
-from tbptt_jax.cells import CELL_NAMES, Cell, cell_by_name, feedforward, stack
-from tbptt_jax.streams import batchify, iterate_chunks
+from tbptt_jax.cells import CELL_NAMES, cell_by_name
+from tbptt_jax.streams import iterate_chunks
 from tbptt_jax.train import tbptt_trainer
 
 PROG = "tbptt-jax"
@@ -117,20 +115,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
 
 
-def _r2rt_model(cell: str, hidden: int, layers: int) -> Cell:
-  """One-hot input, `layers` recurrent cells, a two-class readout."""
-  return stack(
-    feedforward(functools.partial(jax.nn.one_hot, num_classes=2)),
-    *(cell_by_name(cell, hidden) for _ in range(layers)),
-    feedforward(nn.Dense(2)),
-  )
-
-
 def _train(args: argparse.Namespace) -> int:
   k2 = args.k1 if args.k2 is None else args.k2
   out = _prepare_out(args.out)
   trainer = tbptt_trainer(
-    _r2rt_model(args.cell, args.hidden, args.layers),
+    synthetic.model(*(cell_by_name(args.cell, args.hidden) for _ in range(args.layers))),
     optax.softmax_cross_entropy_with_integer_labels,
     OPTIMIZERS[args.optimizer](args.lr),
     k1=args.k1,
@@ -139,11 +128,8 @@ def _train(args: argparse.Namespace) -> int:
     max_grad_norm=args.clip,
     unroll=args.unroll,
   )
-  # One long series cut into streams, as r2rt did: every update sees k1 new
-  # steps of each of the batch_size streams.
-  steps_per_stream = args.steps * args.k1
-  x, y = synthetic.sequence(np.random.default_rng(args.seed), args.batch_size * steps_per_stream)
-  xs, ys = batchify(x, args.batch_size), batchify(y, args.batch_size)
+  # Every update sees k1 new steps of each of the batch_size streams.
+  xs, ys = synthetic.streams(args.seed, args.batch_size, args.steps * args.k1)
   chunks = iterate_chunks(xs, args.updates_per_call * args.k1, targets=ys)
 
   start = time.perf_counter()

@@ -14,11 +14,16 @@ Reference: r2rt.com, "Recurrent Neural Networks in Tensorflow I", 2016.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
+import flax.linen as nn
+import jax
 import numpy as np
 
 from tbptt_jax import _checks
+from tbptt_jax.cells import Cell, feedforward, stack
+from tbptt_jax.streams import batchify
 
 LAGS = (3, 8)  # the dependencies: X_{t-3} and X_{t-8}
 
@@ -51,6 +56,32 @@ def sequence(rng: np.random.Generator, length: int) -> tuple[np.ndarray, np.ndar
   lagged = [np.concatenate([np.zeros(lag, np.int32), x[:-lag]])[:length] for lag in LAGS]
   y = (rng.random(length) < probability(*lagged)).astype(np.int32)
   return x, y
+
+
+def streams(seed: int, batch_size: int, length: int) -> tuple[np.ndarray, np.ndarray]:
+  """One series of batch_size * length steps cut into streams, as r2rt did.
+
+  Returns:
+    `(xs, ys)`, each `[batch_size, length]` int32: stream b is steps
+    b * length + 1 .. (b + 1) * length of the series.
+  """
+  batch_size = _checks.positive_int("synthetic.streams", "batch_size", batch_size)
+  length = _checks.positive_int("synthetic.streams", "length", length)
+  x, y = sequence(np.random.default_rng(seed), batch_size * length)
+  return batchify(x, batch_size), batchify(y, batch_size)
+
+
+def model(*cells: Cell) -> Cell:
+  """The task's model: one-hot input, the given recurrent cells, a two-class readout.
+
+  Example: r2rt's network, an Elman cell with a state of 4:
+    >>> model(elman(4))
+  """
+  return stack(
+    feedforward(functools.partial(jax.nn.one_hot, num_classes=2)),
+    *cells,
+    feedforward(nn.Dense(2)),
+  )
 
 
 def reference_losses() -> ReferenceLosses:

@@ -191,14 +191,9 @@ def test_resets_match_tbptt_gradients():
 def r2rt_final_loss(k, updates=3000, seed=0):
   """Final loss (last 10% of updates) of a small Elman network on the r2rt task."""
   glorot = jax.nn.initializers.glorot_uniform()
-  model = tbptt_jax.stack(
-    tbptt_jax.feedforward(functools.partial(jax.nn.one_hot, num_classes=2)),
-    tbptt_jax.elman(5, input_init=glorot, recurrent_init=glorot),
-    tbptt_jax.feedforward(nn.Dense(2)),
-  )
+  model = synthetic.model(tbptt_jax.elman(5, input_init=glorot, recurrent_init=glorot))
   trainer = tbptt_jax.tbptt_trainer(model, loss_fn, optax.adam(0.03), k1=k, k2=k)
-  x, y = synthetic.sequence(np.random.default_rng(seed), 200 * updates * k)
-  xs, ys = tbptt_jax.batchify(x, 200), tbptt_jax.batchify(y, 200)
+  xs, ys = synthetic.streams(seed, 200, updates * k)
   state = trainer.init(jax.random.key(seed), xs[:, :k])
   losses = []
   for inputs, targets in tbptt_jax.iterate_chunks(xs, 500 * k, targets=ys):
