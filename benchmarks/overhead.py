@@ -96,12 +96,16 @@ def measure(config, repeats):
   cell, hidden, batch, k, vocab = config
   tokens = batch * k * BLOCKS_PER_CALL
   return {
-      "cell": cell, "hidden": hidden, "batch": batch, "k": k, "vocab": vocab,
-      "library_ms": 1e3 * float(np.median(library_s)),
-      "by_hand_ms": 1e3 * float(np.median(hand_s)),
-      "ratio": float(np.median(library_s) / np.median(hand_s)),
-      "library_tokens_per_s": tokens / float(np.median(library_s)),
-  }  # fmt: skip
+    "cell": cell,
+    "hidden": hidden,
+    "batch": batch,
+    "k": k,
+    "vocab": vocab,
+    "library_ms": 1e3 * float(np.median(library_s)),
+    "by_hand_ms": 1e3 * float(np.median(hand_s)),
+    "ratio": float(np.median(library_s) / np.median(hand_s)),
+    "library_tokens_per_s": tokens / float(np.median(library_s)),
+  }
 
 
 def main():

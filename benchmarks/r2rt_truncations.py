@@ -43,9 +43,12 @@ STATES = {  # name: (cell, Adam learning rate)
 
 def final_loss(make_cell, lr, k1, k2, updates, seed):
   trainer = tj.tbptt_trainer(
-      synthetic.model(make_cell()), optax.softmax_cross_entropy_with_integer_labels,
-      optax.adam(lr), k1=k1, k2=k2,
-  )  # fmt: skip
+    synthetic.model(make_cell()),
+    optax.softmax_cross_entropy_with_integer_labels,
+    optax.adam(lr),
+    k1=k1,
+    k2=k2,
+  )
   xs, ys = synthetic.streams(seed, 200, updates * k1)
   state = trainer.init(jax.random.key(seed), xs[:, :k1])
   losses = []

@@ -88,9 +88,11 @@ def _parser() -> argparse.ArgumentParser:
   train.add_argument("--style", choices=STYLES, default="window", help="truncation style")
   train.add_argument("--steps", type=pos_int, default=2000, help="optimizer updates")
   train.add_argument(
-      "--updates-per-call", type=pos_int, default=100,
-      help="updates made by one jitted call (a lax.scan over chunks)",
-  )  # fmt: skip
+    "--updates-per-call",
+    type=pos_int,
+    default=100,
+    help="updates made by one jitted call (a lax.scan over chunks)",
+  )
   train.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="adam")
   train.add_argument("--lr", type=pos_float, default=0.01, help="learning rate")
   train.add_argument("--clip", type=pos_float, default=None, help="max global gradient norm")

@@ -156,9 +156,18 @@ def tbptt_trainer(
     def one_update(state: TrainState, block):
       x, y, r = block
       out = block_gradients(
-          model.apply, loss_fn, state.params, state.carry, state.lookback, x, y, r,
-          style=style, reset_carry=reset_carry, unroll=unroll,
-      )  # fmt: skip
+        model.apply,
+        loss_fn,
+        state.params,
+        state.carry,
+        state.lookback,
+        x,
+        y,
+        r,
+        style=style,
+        reset_carry=reset_carry,
+        unroll=unroll,
+      )
       updates, opt_state = optimizer.update(out.grads, state.opt_state, state.params)
       state = state._replace(
         params=optax.apply_updates(state.params, updates),

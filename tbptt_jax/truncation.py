@@ -145,16 +145,29 @@ def block_gradients(
       carries = []
       if n_back:
         run = scan_steps(
-            step_fn, params, s, jax.tree.map(lambda a: a[r - 1 :], lookback.inputs),
-            resets=lookback.resets[r - 1 :], mask=lookback.valid[r - 1 :],
-            reset_carry=reset_carry, unroll=unroll, keep_outputs=False, keep_carries=True,
-        )  # fmt: skip
+          step_fn,
+          params,
+          s,
+          jax.tree.map(lambda a: a[r - 1 :], lookback.inputs),
+          resets=lookback.resets[r - 1 :],
+          mask=lookback.valid[r - 1 :],
+          reset_carry=reset_carry,
+          unroll=unroll,
+          keep_outputs=False,
+          keep_carries=True,
+        )
         s = run.carry
         carries.append(run.carries)
       run = scan_steps(
-          step_fn, params, s, inputs, resets=resets, reset_carry=reset_carry, unroll=unroll,
-          keep_carries=True,
-      )  # fmt: skip
+        step_fn,
+        params,
+        s,
+        inputs,
+        resets=resets,
+        reset_carry=reset_carry,
+        unroll=unroll,
+        keep_carries=True,
+      )
       carries.append(run.carries)
       loss = mean_loss(jax.vmap(loss_fn)(run.outputs, targets))
       return loss, (run.carry, _concat(*carries))
@@ -165,9 +178,16 @@ def block_gradients(
   elif style == "per_loss":
     # A forward pass over the block gives the states that enter its later steps.
     run = scan_steps(
-        step_fn, params, carry, inputs, resets=resets, reset_carry=reset_carry, unroll=unroll,
-        keep_outputs=False, keep_carries=True,
-    )  # fmt: skip
+      step_fn,
+      params,
+      carry,
+      inputs,
+      resets=resets,
+      reset_carry=reset_carry,
+      unroll=unroll,
+      keep_outputs=False,
+      keep_carries=True,
+    )
     new_carry = run.carry
     # The carry entering each of all steps.
     entering = _concat(lookback.states, _expand(carry), jax.tree.map(lambda a: a[:-1], run.carries))
@@ -183,14 +203,25 @@ def block_gradients(
       s = jax.lax.stop_gradient(anchor)
       xs, rs, vs = window
       s = scan_steps(
-          step_fn, params, s, jax.tree.map(lambda a: a[:-1], xs), resets=rs[:-1], mask=vs[:-1],
-          reset_carry=reset_carry, unroll=unroll, keep_outputs=False,
-      ).carry  # fmt: skip
+        step_fn,
+        params,
+        s,
+        jax.tree.map(lambda a: a[:-1], xs),
+        resets=rs[:-1],
+        mask=vs[:-1],
+        reset_carry=reset_carry,
+        unroll=unroll,
+        keep_outputs=False,
+      ).carry
       # Step t itself is a block step, never padding.
       _, out_t = masked_step(
-          step_fn, params, s, jax.tree.map(lambda a: a[-1], xs), reset_t=rs[-1],
-          reset_carry=reset_carry,
-      )  # fmt: skip
+        step_fn,
+        params,
+        s,
+        jax.tree.map(lambda a: a[-1], xs),
+        reset_t=rs[-1],
+        reset_carry=reset_carry,
+      )
       return loss_fn(out_t, y_t)
 
     def objective(params):
@@ -317,9 +348,18 @@ def tbptt_gradients(
     carry, lookback = state
     x, y, r = blk
     out = block_gradients(
-        step_fn, loss_fn, params, carry, lookback, x, y, r,
-        style=style, reset_carry=reset_carry, unroll=unroll,
-    )  # fmt: skip
+      step_fn,
+      loss_fn,
+      params,
+      carry,
+      lookback,
+      x,
+      y,
+      r,
+      style=style,
+      reset_carry=reset_carry,
+      unroll=unroll,
+    )
     return (out.carry, out.lookback), out.grads
 
   (carry, _), grads = scan_blocks(block, (carry, lookback), (xs, ys, resets), k1)

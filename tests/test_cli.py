@@ -14,9 +14,17 @@ import pytest
 from tbptt_jax import cli
 
 SUMMARY_KEYS = {
-    "task", "cell", "k1", "k2", "style", "steps", "tokens", "seconds", "tokens_per_s",
-    "final_loss",
-}  # fmt: skip
+  "task",
+  "cell",
+  "k1",
+  "k2",
+  "style",
+  "steps",
+  "tokens",
+  "seconds",
+  "tokens_per_s",
+  "final_loss",
+}
 
 
 def run(argv, capsys):
@@ -32,9 +40,12 @@ def run(argv, capsys):
 def test_default_run_reaches_both_dependencies():
   """The README's main job: `tbptt-jax train --json`, as a user runs it."""
   result = subprocess.run(
-      [sys.executable, "-m", "tbptt_jax.cli", "train", "--json"],
-      capture_output=True, text=True, timeout=600, check=True,
-  )  # fmt: skip
+    [sys.executable, "-m", "tbptt_jax.cli", "train", "--json"],
+    capture_output=True,
+    text=True,
+    timeout=600,
+    check=True,
+  )
   summary = json.loads(result.stdout.strip().splitlines()[-1])
   assert SUMMARY_KEYS <= summary.keys()
   assert (summary["task"], summary["cell"], summary["k1"], summary["k2"]) == (
@@ -52,11 +63,36 @@ def test_default_run_reaches_both_dependencies():
 def test_json_summary_and_outputs(tmp_path, capsys):
   out = tmp_path / "run"
   status, stdout, _ = run(
-      ["train", "--steps", "30", "--updates-per-call", "7", "--k1", "4", "--k2", "6",
-       "--style", "per_loss", "--cell", "gru", "--hidden", "3", "--batch-size", "8",
-       "--clip", "1.0", "--optimizer", "sgd", "--lr", "0.1", "--out", str(out), "--json"],
-      capsys,
-  )  # fmt: skip
+    [
+      "train",
+      "--steps",
+      "30",
+      "--updates-per-call",
+      "7",
+      "--k1",
+      "4",
+      "--k2",
+      "6",
+      "--style",
+      "per_loss",
+      "--cell",
+      "gru",
+      "--hidden",
+      "3",
+      "--batch-size",
+      "8",
+      "--clip",
+      "1.0",
+      "--optimizer",
+      "sgd",
+      "--lr",
+      "0.1",
+      "--out",
+      str(out),
+      "--json",
+    ],
+    capsys,
+  )
   assert status == 0
   summary = json.loads(stdout.strip().splitlines()[-1])
   assert SUMMARY_KEYS <= summary.keys()

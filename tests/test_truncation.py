@@ -81,9 +81,15 @@ def test_matches_numpy_oracle_with_resets(problem, style, k1, k2):
   assert problem["resets"].any()
   grads, carry = library_gradients(problem, k1, k2, style, resets=problem["resets"])
   want, want_carry = numpy_oracle.tbptt_gradients(
-      problem["params"], problem["s0"], problem["x"], problem["y"], k1, k2, style,
-      resets=problem["resets"],
-  )  # fmt: skip
+    problem["params"],
+    problem["s0"],
+    problem["x"],
+    problem["y"],
+    k1,
+    k2,
+    style,
+    resets=problem["resets"],
+  )
   for name in numpy_oracle.NAMES:
     np.testing.assert_allclose(grads[name], want[name], rtol=1e-8, atol=1e-12, err_msg=name)
   np.testing.assert_allclose(carry, want_carry, rtol=1e-12, atol=1e-12)
@@ -182,9 +188,16 @@ def test_zero_gradient_across_every_cut(problem, style, k2):
 
   def block_loss(carry, states, xs):
     return block_gradients(
-        seed_step, loss_fn, problem["params"], carry, lookback._replace(states=states), xs, ys,
-        None, style=style,
-    ).loss  # fmt: skip
+      seed_step,
+      loss_fn,
+      problem["params"],
+      carry,
+      lookback._replace(states=states),
+      xs,
+      ys,
+      None,
+      style=style,
+    ).loss
 
   with jax.enable_x64(True):
     d_carry, d_states, d_inputs = jax.grad(block_loss, argnums=(0, 1, 2))(
@@ -237,9 +250,16 @@ def test_pytree_inputs(problem):
 )
 def test_bad_input(problem, change, message):
   args = dict(
-      step_fn=seed_step, loss_fn=loss_fn, params=problem["params"], carry=problem["s0"],
-      inputs=problem["x"], targets=problem["y"], k1=2, k2=3, style="window",
-  )  # fmt: skip
+    step_fn=seed_step,
+    loss_fn=loss_fn,
+    params=problem["params"],
+    carry=problem["s0"],
+    inputs=problem["x"],
+    targets=problem["y"],
+    k1=2,
+    k2=3,
+    style="window",
+  )
   for key, value in change.items():
     args[key] = value(problem) if callable(value) and key != "loss_fn" else value
   with pytest.raises(ValueError, match=message):
