@@ -12,6 +12,10 @@ long sequence in order. Modules, one idea each:
   train       the optax-style training factory `tbptt_trainer`
   synthetic   the r2rt synthetic task and its reference losses
   cli         the `tbptt-jax` command
+
+The names below are the public API. Each module's other public names (such
+as `truncation.block_gradients`, `truncation.scan_blocks`, `unroll.scan_steps`)
+are the engine's building blocks, documented for those who extend it.
 """
 
 from tbptt_jax import synthetic

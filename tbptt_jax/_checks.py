@@ -22,6 +22,12 @@ def positive_int(where: str, name: str, value: Any) -> int:
   return int(value)
 
 
+def unroll(where: str, value: Any) -> None:
+  """Checks the `unroll` of `jax.lax.scan`: True, False or an integer >= 1."""
+  if not isinstance(value, bool):
+    positive_int(where, "unroll", value)
+
+
 def truncation(where: str, k1: Any, k2: Any, style: Any) -> tuple[int, int, str]:
   """Validates a truncation TBPTT(k1, k2) in `style`; returns it normalised."""
   k1 = positive_int(where, "k1", k1)
@@ -95,6 +101,27 @@ def like(where: str, name: str, tree: Any, reference_name: str, reference: Any) 
         f"{[np.shape(x) for x in jax.tree.leaves(reference)]}, "
         f"got {[np.shape(x) for x in jax.tree.leaves(tree)]}"
       )
+
+
+def like_steps(where: str, name: str, tree: Any, steps: Any) -> None:
+  """Checks that the steps of `tree`, leaves [batch, time, ...], match `steps`.
+
+  `steps` is the state's record of earlier steps, leaves [time, batch, ...]:
+  a step's shape (batch included) and dtype must not change between calls.
+  """
+
+  def step(a, time_axis):
+    shape = list(np.shape(a))
+    del shape[time_axis]
+    return f"{shape} {np.dtype(a.dtype)}"
+
+  got = [step(a, 1) for a in jax.tree.leaves(tree)]
+  want = [step(a, 0) for a in jax.tree.leaves(steps)]
+  if jax.tree.structure(tree) != jax.tree.structure(steps) or got != want:
+    raise ValueError(
+      f"{where}: each step of {name} must have the shape and dtype of those the state was "
+      f"initialised with, {', '.join(want)}, got {', '.join(got)}"
+    )
 
 
 def resets(where: str, value: Any, batch: int, time: int) -> None:

@@ -73,8 +73,16 @@ def iterate_chunks(
 
   The last chunk holds the remaining steps and may be shorter than
   `chunk_len`; no step is dropped. Each epoch runs over the same chunks in the
-  same order, every stream restarting at its offset, so the carried state
-  should be restarted with it (`Trainer.reset`).
+  same order, every stream restarting at its offset. When training with a
+  carried state, restart it with the streams, one epoch per call:
+
+      for epoch in range(epochs):
+        state = trainer.reset(state)
+        for inputs, targets in iterate_chunks(streams, chunk_len):
+          state, metrics = trainer.update(state, inputs, targets)
+
+  With `tbptt_trainer`, make `chunk_len` a multiple of k1, so that every
+  update but the last of an epoch covers k1 steps.
 
   Args:
     streams: `[batch, L]`, e.g. from `batchify`.

@@ -11,7 +11,11 @@ blocks run in a `jax.lax.scan` inside one jitted call, so Python dispatch is
 paid once per call, not per update. The carry and the lookback (the last
 k2 - 1 steps, which later windows re-run) pass from call to call, so T steps
 in one call and the same steps split over several calls make the same
-updates, as long as the split points are multiples of k1.
+updates, as long as the split points are multiples of k1. Blocks start at
+each call's first step: a call of T steps, T not a multiple of k1, ends with
+an update of T mod k1 steps (its window still reaches k2 steps back), and the
+next call starts a new block; so feed chunks of a multiple of k1 steps, the
+last chunk of a sequence excepted.
 """
 
 from __future__ import annotations
@@ -36,14 +40,19 @@ from tbptt_jax.unroll import time_major
 
 
 class TrainState(NamedTuple):
-  """Everything that changes during training."""
+  """Everything that changes during training.
+
+  `carry` and `lookback` are kept together: the lookback holds the states
+  behind the carry, which later windows start from. Read them freely, but
+  restart streams with `resets` or `Trainer.reset`, not by editing `carry`.
+  """
 
   params: Params
   opt_state: optax.OptState
   carry: Carry  # leaves [batch, ...]: each stream's state after the last step seen
   lookback: Lookback  # the last k2 - 1 steps of every stream, time-major
   step: jax.Array  # shape=(), int32: optimizer updates made
-  rng: jax.Array  # PRNG key, for stochastic models (e.g. dropout)
+  rng: jax.Array  # PRNG key for stochastic models; the built-in cells do not use it
 
 
 class UpdateMetrics(NamedTuple):
@@ -60,8 +69,11 @@ class Trainer(NamedTuple):
     init: `init(rng, inputs) -> TrainState`, from an example chunk
       `[batch, T, ...]` (its first step sets parameter and carry shapes).
     update: `update(state, inputs, targets, resets=None) -> (state, metrics)`,
-      jitted, donating `state`: consumes `[batch, T, ...]` steps of every
-      stream, making ceil(T / k1) updates; `metrics` is an `UpdateMetrics`.
+      jitted, donating `state` (do not reuse the state passed in): consumes
+      `[batch, T, ...]` steps of every stream, making ceil(T / k1) updates,
+      the last of T mod k1 steps when T is not a multiple of k1 (see the
+      module docstring); `metrics` is an `UpdateMetrics`. Inputs must have
+      the per-step shapes and dtypes of `init`'s.
     reset: `reset(state) -> state`: restarts every stream (carry back to the
       initial carry, lookback emptied), keeping parameters and optimizer
       state; call it when the streams jump, e.g. at the start of an epoch.
@@ -119,8 +131,7 @@ def tbptt_trainer(
   k1, k2, style = _checks.truncation(where, k1, k1 if k2 is None else k2, style)
   if max_grad_norm is not None and not max_grad_norm > 0:
     raise ValueError(f"{where}: max_grad_norm must be > 0 or None, got {max_grad_norm!r}")
-  if not isinstance(unroll, bool):
-    _checks.positive_int(where, "unroll", unroll)
+  _checks.unroll(where, unroll)
   if max_grad_norm is not None:
     optimizer = optax.chain(optax.clip_by_global_norm(max_grad_norm), optimizer)
 
@@ -134,7 +145,7 @@ def tbptt_trainer(
     rng_params, rng = jax.random.split(rng)
     params = model.init(rng_params, x_t)
     carry, lookback = start_of_sequence(x_t)
-    return TrainState(
+    state = TrainState(
       params=params,
       opt_state=optimizer.init(params),
       carry=carry,
@@ -142,11 +153,14 @@ def tbptt_trainer(
       step=jnp.zeros((), jnp.int32),
       rng=rng,
     )
+    # `update` donates every buffer of the state: none may be shared with the
+    # caller's arrays or appear twice (e.g. an initial carry of (h, h)).
+    return jax.tree.map(jnp.copy, state)
 
   def update(state: TrainState, inputs: Any, targets: Any, resets: Any = None):
     batch, time = _checks.batch_time("update", "inputs", inputs)
     _checks.same_batch_time("update", "targets", targets, batch, time)
-    _checks.leading_batch("update", "state.carry", state.carry, batch)
+    _checks.like_steps("update", "inputs", inputs, state.lookback.inputs)
     if resets is not None:
       _checks.resets("update", resets, batch, time)
       resets = jnp.asarray(resets).T
@@ -167,6 +181,7 @@ def tbptt_trainer(
         style=style,
         reset_carry=reset_carry,
         unroll=unroll,
+        where="update",
       )
       updates, opt_state = optimizer.update(out.grads, state.opt_state, state.params)
       state = state._replace(
@@ -184,6 +199,6 @@ def tbptt_trainer(
     # The lookback's inputs have the shape of one step of every stream.
     x_t = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), state.lookback.inputs)
     carry, lookback = start_of_sequence(x_t)
-    return state._replace(carry=carry, lookback=lookback)
+    return state._replace(**jax.tree.map(jnp.copy, dict(carry=carry, lookback=lookback)))
 
   return Trainer(init=init, update=jax.jit(update, donate_argnums=0), reset=reset)

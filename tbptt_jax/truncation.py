@@ -106,12 +106,18 @@ def block_gradients(
   style: str,
   reset_carry: Carry | None = None,
   unroll: int | bool = 1,
+  where: str = "block_gradients",
 ) -> BlockResult:
   """The gradient of one TBPTT update, for a block of r <= k1 steps (time-major).
 
   k2 is implied by the lookback (k2 - 1 steps). Arguments are as in
   `tbptt_gradients`, except that `inputs`, `targets` and `resets` are
-  time-major, `[r, batch, ...]`, and `carry` is the carry entering the block.
+  time-major, `[r, batch, ...]`, and `carry` is the carry entering the block,
+  the last state the lookback leads to. `where` names the caller in errors.
+
+  The gradient re-runs each window from its stored entering state with the
+  given `params`; the state carried on is the block run once from `carry`, so
+  the forward pass does not depend on the truncation.
   """
   r = jax.tree.leaves(inputs)[0].shape[0]
   k2 = lookback.valid.shape[0] + 1
@@ -122,61 +128,13 @@ def block_gradients(
   def mean_loss(losses: jax.Array) -> jax.Array:
     if losses.shape != (r, batch):
       raise ValueError(
-        f"loss_fn must return per-example losses of shape [batch] = [{batch}], "
+        f"{where}: loss_fn must return per-example losses of shape [batch] = [{batch}], "
         f"got shape {losses.shape[1:]}"
       )
     return jnp.mean(losses)
 
-  block_resets = jnp.zeros((r, batch), bool) if resets is None else resets
-  # All steps at hand: the lookback's k2 - 1, then the block's r.
-  all_inputs = _concat(lookback.inputs, inputs)
-  all_resets = jnp.concatenate([lookback.resets, block_resets])
-  all_valid = jnp.concatenate([lookback.valid, jnp.ones((r,), bool)])
-
-  if style == "window":
-    # The window is the last k2 of all steps: k2 - r lookback steps, then the block.
-    n_back = k2 - r
-    anchor = carry if n_back == 0 else jax.tree.map(lambda s: s[r - 1], lookback.states)
-
-    def objective(params):
-      # Window-style truncation (Williams & Peng): the state entering the k2-step
-      # window is a constant, so no gradient reaches behind step e_i - k2 + 1.
-      s = jax.lax.stop_gradient(anchor)
-      carries = []
-      if n_back:
-        run = scan_steps(
-          step_fn,
-          params,
-          s,
-          jax.tree.map(lambda a: a[r - 1 :], lookback.inputs),
-          resets=lookback.resets[r - 1 :],
-          mask=lookback.valid[r - 1 :],
-          reset_carry=reset_carry,
-          unroll=unroll,
-          keep_outputs=False,
-          keep_carries=True,
-        )
-        s = run.carry
-        carries.append(run.carries)
-      run = scan_steps(
-        step_fn,
-        params,
-        s,
-        inputs,
-        resets=resets,
-        reset_carry=reset_carry,
-        unroll=unroll,
-        keep_carries=True,
-      )
-      carries.append(run.carries)
-      loss = mean_loss(jax.vmap(loss_fn)(run.outputs, targets))
-      return loss, (run.carry, _concat(*carries))
-
-    (loss, (new_carry, window_carries)), grads = jax.value_and_grad(objective, has_aux=True)(params)
-    # The carry after window step j enters step j + 1: these enter the last k2 - 1.
-    new_states = jax.tree.map(lambda a: a[:-1], window_carries)
-  elif style == "per_loss":
-    # A forward pass over the block gives the states that enter its later steps.
+  def forward(carry: Carry) -> tuple[Carry, Carry]:
+    """The block run from `carry`: the final carry and the carry after each step."""
     run = scan_steps(
       step_fn,
       params,
@@ -188,14 +146,74 @@ def block_gradients(
       keep_outputs=False,
       keep_carries=True,
     )
-    new_carry = run.carry
-    # The carry entering each of all steps.
-    entering = _concat(lookback.states, _expand(carry), jax.tree.map(lambda a: a[:-1], run.carries))
-    new_states = jax.tree.map(lambda a: a[r:], entering)
-    # Loss j (the block's step j) owns the window of all steps j .. j + k2 - 1.
+    return run.carry, run.carries
+
+  def entering_states(block_carries: Carry) -> Carry:
+    """The carry entering each of the lookback's and the block's steps."""
+    after_block_steps = jax.tree.map(lambda a: a[:-1], block_carries)
+    return _concat(lookback.states, _expand(carry), after_block_steps)
+
+  # Padding steps (before step 1) leave the carry unchanged, but the cell still
+  # runs on them: a real input keeps a cell undefined at zero (log, 1/x) from
+  # putting 0 * inf = NaN into the backward pass.
+  lookback_inputs = jax.tree.map(
+    lambda h, x: jnp.where(_per_step(lookback.valid, h), h, x[:1]), lookback.inputs, inputs
+  )
+  block_resets = jnp.zeros((r, batch), bool) if resets is None else resets
+  # All steps at hand: the lookback's k2 - 1, then the block's r.
+  all_inputs = _concat(lookback_inputs, inputs)
+  all_resets = jnp.concatenate([lookback.resets, block_resets])
+  all_valid = jnp.concatenate([lookback.valid, jnp.ones((r,), bool)])
+
+  if style == "window":
+    # The window is the last k2 of all steps: k2 - r lookback steps, then the block.
+    n_back = k2 - r
+    # A window that starts at the block starts from `carry`; one that reaches
+    # back starts from the stored state entering its first step.
+    anchor = carry if n_back == 0 else jax.tree.map(lambda s: s[r - 1], lookback.states)
+
+    def objective(params):
+      # Window-style truncation (Williams & Peng): the state entering the k2-step
+      # window is a constant, so no gradient reaches behind step e_i - k2 + 1.
+      s = jax.lax.stop_gradient(anchor)
+      if n_back:
+        s = scan_steps(
+          step_fn,
+          params,
+          s,
+          jax.tree.map(lambda a: a[r - 1 :], lookback_inputs),
+          resets=lookback.resets[r - 1 :],
+          mask=lookback.valid[r - 1 :],
+          reset_carry=reset_carry,
+          unroll=unroll,
+          keep_outputs=False,
+        ).carry
+      run = scan_steps(
+        step_fn,
+        params,
+        s,
+        inputs,
+        resets=resets,
+        reset_carry=reset_carry,
+        unroll=unroll,
+        keep_carries=True,
+      )
+      loss = mean_loss(jax.vmap(loss_fn)(run.outputs, targets))
+      return loss, (run.carry, run.carries)
+
+    (loss, block_run), grads = jax.value_and_grad(objective, has_aux=True)(params)
+    # Only a window that starts at `carry` ran the block as the forward pass does;
+    # one that reaches back re-ran older steps with these params.
+    new_carry, block_carries = block_run if n_back == 0 else forward(carry)
+    entering = entering_states(block_carries)
+  elif style == "per_loss":
+    new_carry, block_carries = forward(carry)
+    # Loss j (the block's step j) owns the window of all steps j .. j + k2 - 1,
+    # entered by entering[j].
+    entering = entering_states(block_carries)
+    anchors = jax.tree.map(lambda a: a[:r], entering)
     window_idx = np.arange(r)[:, None] + np.arange(k2)[None, :]
     windows = jax.tree.map(lambda a: a[window_idx], (all_inputs, all_resets, all_valid))
-    anchors = jax.tree.map(lambda a: a[:r], entering)
 
     def window_loss(params, anchor, window, y_t):
       # Per-loss truncation: l_t is differentiated through its own k2 steps
@@ -230,10 +248,11 @@ def block_gradients(
 
     loss, grads = jax.value_and_grad(objective)(params)
   else:  # pragma: no cover - callers validate `style`
-    raise ValueError(f"unknown style {style!r}")
+    raise ValueError(f"{where}: unknown style {style!r}")
 
+  # The lookback moves on by r steps; the states it keeps are the forward pass's.
   new_lookback = Lookback(
-    states=new_states,
+    states=jax.tree.map(lambda a: a[r:], entering),
     inputs=jax.tree.map(lambda a: a[r:], all_inputs),
     resets=all_resets[r:],
     valid=all_valid[r:],
@@ -338,9 +357,10 @@ def tbptt_gradients(
     resets = jnp.asarray(resets).T
   if reset_carry is not None:
     _checks.like(where, "reset_carry", reset_carry, "carry", carry)
-  if not isinstance(unroll, bool):
-    _checks.positive_int(where, "unroll", unroll)
+  _checks.unroll(where, unroll)
 
+  # No window reaches behind step 1, so any k2 >= T is full backpropagation.
+  k2 = min(k2, time)
   xs, ys = time_major(inputs), time_major(targets)
   lookback = empty_lookback(carry, jax.tree.map(lambda a: a[0], xs), k2)
 
@@ -359,11 +379,17 @@ def tbptt_gradients(
       style=style,
       reset_carry=reset_carry,
       unroll=unroll,
+      where=where,
     )
     return (out.carry, out.lookback), out.grads
 
   (carry, _), grads = scan_blocks(block, (carry, lookback), (xs, ys, resets), k1)
   return grads, carry
+
+
+def _per_step(flag: jax.Array, a: jax.Array) -> jax.Array:
+  """A per-step flag `[time]` shaped to broadcast against `a`, `[time, ...]`."""
+  return jnp.reshape(flag, flag.shape + (1,) * (a.ndim - 1))
 
 
 def _expand(tree: Any) -> Any:

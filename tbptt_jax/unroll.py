@@ -155,8 +155,7 @@ def unroll(
     resets = jnp.asarray(resets).T
   if reset_carry is not None:
     _checks.like(where, "reset_carry", reset_carry, "carry", carry)
-  if not isinstance(unroll, bool):
-    _checks.positive_int(where, "unroll", unroll)
+  _checks.unroll(where, unroll)
   result = scan_steps(
     step_fn,
     params,

@@ -106,6 +106,63 @@ def test_online_chunked_training_matches_a_manual_loop():
   chex.assert_trees_all_close(state.carry, carry, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("style,k1,k2", [("window", 2, 6), ("per_loss", 2, 3)])
+def test_carry_is_the_online_forward_pass(style, k1, k2):
+  """The carried state is each block run once, with the parameters of its update.
+
+  The truncation shapes only the backward pass: windows that re-run older steps
+  with newer parameters do not change the state carried on.
+  """
+  time = 4 * k1
+  x, y = data(time, seed=7)
+  model = make_model()
+  trainer = tbptt_jax.tbptt_trainer(model, loss_fn, optax.sgd(0.5), k1=k1, k2=k2, style=style)
+  state = trainer.init(jax.random.key(7), x)
+  carry = jax.tree.map(jnp.copy, state.carry)
+  for start in range(0, time, k1):
+    cut = slice(start, start + k1)
+    carry, _ = tbptt_jax.unroll(model.apply, state.params, carry, x[:, cut])
+    state, _ = trainer.update(state, x[:, cut], y[:, cut])
+  chex.assert_trees_all_close(state.carry, carry, rtol=1e-6, atol=1e-7)
+
+
+def test_styles_coincide_online_for_k1_1():
+  """With k1 = 1 both styles are the same algorithm, so they train identically."""
+  x, y = data(12, seed=8)
+  runs = []
+  for style in ("window", "per_loss"):
+    trainer = tbptt_jax.tbptt_trainer(
+      make_model(), loss_fn, optax.sgd(0.5), k1=1, k2=4, style=style
+    )
+    state, metrics = trainer.update(trainer.init(jax.random.key(8), x), x, y)
+    runs.append((metrics.loss, state.params, state.carry))
+  chex.assert_trees_all_close(runs[0], runs[1], rtol=1e-5, atol=1e-6)
+
+
+def test_donation_is_safe_with_shared_initial_arrays():
+  """An initial carry that repeats one array, or is cached, survives donation."""
+  cached = jnp.zeros((BATCH, 4))
+
+  def lstm_like(params, carry, x_t):
+    c, h = carry
+    h = jnp.tanh(x_t @ params["U"] + h @ params["W"] + c)
+    return (c + h, h), h
+
+  def init(rng, x_t):
+    return {"U": jax.random.normal(rng, (IN, 4)), "W": jnp.eye(4) * 0.5}
+
+  model = tbptt_jax.stack(
+    tbptt_jax.Cell(init, lambda x_t: (cached, cached), lstm_like),
+    tbptt_jax.feedforward(nn.Dense(CLASSES)),
+  )
+  trainer = tbptt_jax.tbptt_trainer(model, loss_fn, optax.sgd(0.1), k1=2, k2=3)
+  x, y = data(4, seed=9)
+  state, _ = trainer.update(trainer.init(jax.random.key(9), x), x, y)
+  state, metrics = trainer.update(trainer.reset(state), x, y)
+  assert np.isfinite(np.asarray(metrics.loss)).all()
+  assert not cached.is_deleted()
+
+
 def test_update_compiles_once():
   """The jitted step is traced once for many calls of the same shapes."""
   traces = 0
@@ -242,7 +299,18 @@ def test_bad_update_input():
   state = trainer.init(jax.random.key(0), x)
   with pytest.raises(ValueError, match=r"targets must have \[batch, time\] = \[3, 4\]"):
     trainer.update(state, x, y[:, :3])
-  with pytest.raises(ValueError, match=r"state.carry must have leading batch size 2"):
+  like_init = (
+    r"each step of inputs must have the shape and dtype of those the state was initialised"
+  )
+  with pytest.raises(
+    ValueError, match=like_init + r" with, \[3, 2\] float32, got \[2, 2\] float32"
+  ):
     trainer.update(state, x[:2], y[:2])
+  with pytest.raises(
+    ValueError, match=like_init + r" with, \[3, 2\] float32, got \[3, 5\] float32"
+  ):
+    trainer.update(state, np.ones((3, 4, 5), np.float32), y)
+  with pytest.raises(ValueError, match=like_init + r" with, \[3, 2\] float32, got \[3, 2\] int32"):
+    trainer.update(state, x.astype(np.int32), y)
   with pytest.raises(ValueError, match=r"resets must have shape \[batch, time\] = \[3, 4\]"):
     trainer.update(state, x, y, np.zeros((3, 2), bool))

@@ -129,6 +129,32 @@ def test_full_bptt_is_the_gradient_of_the_whole_sequence(problem):
     np.testing.assert_allclose(grads[name][0], want[name], rtol=1e-10, atol=1e-13)
 
 
+def test_k2_beyond_the_sequence_is_full_backpropagation(problem):
+  """No window reaches behind step 1: any k2 >= T gives the k2 = T gradients."""
+  for style in ("window", "per_loss"):
+    beyond, _ = library_gradients(problem, 2, 10**6, style)
+    at_t, _ = library_gradients(problem, 2, TIME, style)
+    for name in numpy_oracle.NAMES:
+      np.testing.assert_array_equal(beyond[name], at_t[name])
+
+
+@pytest.mark.parametrize("style,k1,k2", [("window", 2, 4), ("per_loss", 2, 3)])
+def test_padding_never_makes_nan(problem, style, k1, k2):
+  """A cell undefined at zero input gets finite gradients in the first windows,
+  whose padding steps (before step 1) are masked out."""
+
+  def log_step(params, s, x_t):
+    return seed_step(params, s, jnp.log(x_t))
+
+  x = np.exp(problem["x"])  # log_step sees the problem's inputs
+  fn = functools.partial(tbptt_jax.tbptt_gradients, log_step, loss_fn, k1=k1, k2=k2, style=style)
+  with jax.enable_x64(True):
+    grads, _ = jax.jit(fn)(problem["params"], problem["s0"], x, problem["y"])
+  want, _ = library_gradients(problem, k1, k2, style)
+  for name in numpy_oracle.NAMES:
+    np.testing.assert_allclose(grads[name], want[name], rtol=1e-10, atol=1e-13)
+
+
 def test_per_loss_and_window_agree_for_k1_1(problem):
   """With k1 = 1 both styles are the 'true' TBPTT of the literature."""
   window, _ = library_gradients(problem, 1, 4, "window")
