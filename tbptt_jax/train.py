@@ -163,8 +163,7 @@ def tbptt_trainer(
     _checks.like_steps("update", "inputs", inputs, state.lookback.inputs)
     if resets is not None:
       _checks.resets("update", resets, batch, time)
-      resets = jnp.asarray(resets).T
-    xs, ys = time_major(inputs), time_major(targets)
+    xs, ys, resets = time_major((inputs, targets, resets))
     reset_carry = model.initial_carry(jax.tree.map(lambda a: a[0], xs))
 
     def one_update(state: TrainState, block):

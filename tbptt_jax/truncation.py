@@ -354,14 +354,13 @@ def tbptt_gradients(
   _checks.leading_batch(where, "carry", carry, batch)
   if resets is not None:
     _checks.resets(where, resets, batch, time)
-    resets = jnp.asarray(resets).T
   if reset_carry is not None:
     _checks.like(where, "reset_carry", reset_carry, "carry", carry)
   _checks.unroll(where, unroll)
 
   # No window reaches behind step 1, so any k2 >= T is full backpropagation.
   k2 = min(k2, time)
-  xs, ys = time_major(inputs), time_major(targets)
+  xs, ys, resets = time_major((inputs, targets, resets))
   lookback = empty_lookback(carry, jax.tree.map(lambda a: a[0], xs), k2)
 
   def block(state, blk):

@@ -152,15 +152,15 @@ def unroll(
   _checks.leading_batch(where, "carry", carry, batch)
   if resets is not None:
     _checks.resets(where, resets, batch, time)
-    resets = jnp.asarray(resets).T
   if reset_carry is not None:
     _checks.like(where, "reset_carry", reset_carry, "carry", carry)
   _checks.unroll(where, unroll)
+  xs, resets = time_major((inputs, resets))
   result = scan_steps(
     step_fn,
     params,
     carry,
-    time_major(inputs),
+    xs,
     resets=resets,
     reset_carry=reset_carry,
     unroll=unroll,
