@@ -47,7 +47,7 @@ import numpy as np
 
 from tbptt_jax import _checks
 from tbptt_jax.cells import Carry, Params, StepFn
-from tbptt_jax.unroll import masked_step, scan_steps, time_major
+from tbptt_jax.unroll import masked_step, scan_steps, time_major, where_leading
 
 LossFn = Callable[[Any, Any], jax.Array]
 
@@ -156,9 +156,8 @@ def block_gradients(
   # Padding steps (before step 1) leave the carry unchanged, but the cell still
   # runs on them: a real input keeps a cell undefined at zero (log, 1/x) from
   # putting 0 * inf = NaN into the backward pass.
-  lookback_inputs = jax.tree.map(
-    lambda h, x: jnp.where(_per_step(lookback.valid, h), h, x[:1]), lookback.inputs, inputs
-  )
+  first_input = jax.tree.map(lambda x: x[:1], inputs)
+  lookback_inputs = where_leading(lookback.valid, lookback.inputs, first_input)
   block_resets = jnp.zeros((r, batch), bool) if resets is None else resets
   # All steps at hand: the lookback's k2 - 1, then the block's r.
   all_inputs = _concat(lookback_inputs, inputs)
@@ -384,11 +383,6 @@ def tbptt_gradients(
 
   (carry, _), grads = scan_blocks(block, (carry, lookback), (xs, ys, resets), k1)
   return grads, carry
-
-
-def _per_step(flag: jax.Array, a: jax.Array) -> jax.Array:
-  """A per-step flag `[time]` shaped to broadcast against `a`, `[time, ...]`."""
-  return jnp.reshape(flag, flag.shape + (1,) * (a.ndim - 1))
 
 
 def _expand(tree: Any) -> Any:

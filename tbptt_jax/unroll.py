@@ -54,10 +54,10 @@ def masked_step(
   Returns:
     `(carry, y_t)`.
   """
-  carry_in = carry if reset_t is None else _select(reset_t, reset_carry, carry)
+  carry_in = carry if reset_t is None else where_leading(reset_t, reset_carry, carry)
   new_carry, y_t = step_fn(params, carry_in, x_t)
   if mask_t is not None:
-    new_carry = _select(mask_t, new_carry, carry)
+    new_carry = where_leading(mask_t, new_carry, carry)
   return new_carry, y_t
 
 
@@ -178,8 +178,13 @@ def batch_major(tree: Any) -> Any:
   return jax.tree.map(lambda a: jnp.swapaxes(a, 0, 1), tree)
 
 
-def _select(flag: jax.Array, on_true: Carry, on_false: Carry) -> Carry:
-  """Per-stream `where` over a carry; `flag` is `[]` or `[batch]`."""
+def where_leading(flag: jax.Array, on_true: Any, on_false: Any) -> Any:
+  """`jnp.where` over two pytrees, `flag` indexing the leading axes of every leaf.
+
+  E.g. a per-stream flag `[batch]` against a carry `[batch, ...]`, or a
+  per-step flag `[time]` against inputs `[time, batch, ...]`; leaves of
+  `on_false` may be 1 on those axes and broadcast.
+  """
 
   def leaf(a, b):
     f = jnp.reshape(flag, jnp.shape(flag) + (1,) * (a.ndim - jnp.ndim(flag)))
