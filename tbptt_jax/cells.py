@@ -13,10 +13,17 @@ cell is used unchanged: `nn.LSTMCell(128).apply` *is* a step function.
 how to make parameters and how to make the carry a sequence starts from. The
 combinators `feedforward` and `stack` build whole models (embedding, layers of
 cells, readout) as one `Cell`, whose `apply` then maps inputs to logits.
+
+A cell may also have a `head`: a stateless map applied to every step's output
+after the scan, y_t = head(params, apply(params, carry, x_t)[1]). It is the
+same function as a readout inside the step, computed as one large matrix
+product over all steps instead of T small ones; for a language model's
+vocabulary-sized readout that is most of the work (`with_head`).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -29,6 +36,7 @@ from tbptt_jax import _checks
 Params = Any
 Carry = Any
 StepFn = Callable[[Params, Carry, Any], tuple[Carry, Any]]
+HeadFn = Callable[[Params, Any], Any]
 
 # `initial_carry` is deterministic: cells initialise their carry with zeros
 # (every Flax cell's default `carry_init`), and a fixed key keeps any other
@@ -44,11 +52,23 @@ class Cell(NamedTuple):
     initial_carry: `initial_carry(x_t) -> carry`, the state a sequence starts
       from; only the shape of `x_t` (an array or `jax.ShapeDtypeStruct`) is read.
     apply: the step function `apply(params, carry, x_t) -> (carry, y_t)`.
+    head: optional `head(params, y_t) -> out_t`, stateless; when set, the
+      cell's output at step t is `head` of `apply`'s y_t, and the engine
+      applies it to all steps of a window at once, after the scan.
   """
 
   init: Callable[[jax.Array, Any], Params]
   initial_carry: Callable[[Any], Carry]
   apply: StepFn
+  head: HeadFn | None = None
+
+
+def apply_head(head: HeadFn | None, params: Params, outputs: Any) -> Any:
+  """`head` applied to every step of `outputs` (leaves `[time, ...]`); None is identity."""
+  if head is None:
+    return outputs
+  # vmap over time turns T products [batch, h] x [h, out] into one [T batch, h] x [h, out].
+  return jax.vmap(head, in_axes=(None, 0))(params, outputs)
 
 
 class ElmanParams(NamedTuple):
@@ -203,9 +223,11 @@ def feedforward(layer: nn.Module | Callable[[jax.Array], jax.Array]) -> Cell:
 
 
 def stack(*cells: Cell) -> Cell:
-  """Composes cells in depth: layer l's output y_t is layer l+1's input.
+  """Composes cells in depth: layer l's output is layer l+1's input.
 
-  Parameters and carry are tuples with one entry per layer.
+  Parameters and carry are tuples with one entry per layer. A layer's `head`
+  is applied inside the step, except the last layer's, which becomes the
+  stack's head (applied after the scan).
 
   Example: a two-layer LSTM language model over a 1000-word vocabulary.
     >>> model = stack(
@@ -217,6 +239,7 @@ def stack(*cells: Cell) -> Cell:
   """
   if not cells or not all(isinstance(c, Cell) for c in cells):
     raise ValueError(f"stack: expected one or more Cell, got {cells!r}")
+  last = cells[-1]
 
   def init(rng: jax.Array, x_t: Any) -> tuple:
     params = []
@@ -225,7 +248,7 @@ def stack(*cells: Cell) -> Cell:
       layer_params = cell.init(key, x_t)
       params.append(layer_params)
       x_t = jax.eval_shape(
-        lambda x, c=cell, p=layer_params: c.apply(p, c.initial_carry(x), x)[1], x_t
+        lambda x, c=cell, p=layer_params: output(c, p, c.initial_carry(x), x)[1], x_t
       )
     return tuple(params)
 
@@ -236,18 +259,58 @@ def stack(*cells: Cell) -> Cell:
       carries.append(carry)
       # Only shapes are needed to size the next layer, so nothing is computed.
       x_t = jax.eval_shape(
-        lambda x, c=cell, h=carry: c.apply(c.init(jax.random.key(_CARRY_KEY), x), h, x)[1], x_t
+        lambda x, c=cell, h=carry: output(c, c.init(jax.random.key(_CARRY_KEY), x), h, x)[1], x_t
       )
     return tuple(carries)
 
   def apply(params: tuple, carry: tuple, x_t: Any):
     new_carry = []
-    for cell, layer_params, layer_carry in zip(cells, params, carry, strict=True):
-      layer_carry, x_t = cell.apply(layer_params, layer_carry, x_t)
+    for i, (cell, layer_params, layer_carry) in enumerate(zip(cells, params, carry, strict=True)):
+      step = cell.apply if i == len(cells) - 1 else functools.partial(output, cell)
+      layer_carry, x_t = step(layer_params, layer_carry, x_t)
       new_carry.append(layer_carry)
     return tuple(new_carry), x_t
 
-  return Cell(init, initial_carry, apply)
+  head = None if last.head is None else lambda params, y_t: last.head(params[-1], y_t)
+  return Cell(init, initial_carry, apply, head)
+
+
+def with_head(cell: Cell, layer: nn.Module | Callable[[jax.Array], jax.Array]) -> Cell:
+  """`cell` followed by a stateless readout `layer`, applied after the scan.
+
+  The model is the same as `stack(cell, feedforward(layer))`, computed faster:
+  the engine applies `layer` to all steps of a window in one call (one
+  `[steps * batch, hidden] x [hidden, out]` matrix product for a Dense layer).
+  Parameters are `(cell_params, layer_params)`.
+
+  Args:
+    cell: the recurrent part; its outputs are `layer`'s inputs.
+    layer: a Flax linen module (e.g. `nn.Dense(vocab_size)`) or a
+      parameter-free function.
+
+  Example:
+    >>> model = with_head(stack(feedforward(nn.Embed(1000, 64)), flax_cell(nn.LSTMCell(128))),
+    ...                   nn.Dense(1000))
+  """
+  if not isinstance(cell, Cell):
+    raise ValueError(f"with_head: cell must be a Cell, got {cell!r}")
+  readout = feedforward(layer)
+  return stack(cell, readout._replace(apply=_identity_step, head=_carry_free(readout.apply)))
+
+
+def output(cell: Cell, params: Params, carry: Carry, x_t: Any) -> tuple[Carry, Any]:
+  """One step of `cell` including its head: `(carry, out_t)`."""
+  carry, y_t = cell.apply(params, carry, x_t)
+  return carry, (y_t if cell.head is None else cell.head(params, y_t))
+
+
+def _identity_step(params: Params, carry: Carry, x_t: Any) -> tuple[Carry, Any]:
+  del params
+  return carry, x_t
+
+
+def _carry_free(apply: StepFn) -> HeadFn:
+  return lambda params, y_t: apply(params, (), y_t)[1]
 
 
 def _example(x_t: Any) -> Any:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import os
 import sys
 import time
@@ -25,14 +26,15 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from tbptt_jax import synthetic
+from tbptt_jax import lm, synthetic
 from tbptt_jax._checks import STYLES
 from tbptt_jax.cells import CELL_NAMES, cell_by_name
-from tbptt_jax.streams import iterate_chunks
+from tbptt_jax.data import LEVELS, Vocabulary, read_corpus
+from tbptt_jax.streams import batchify, iterate_chunks
 from tbptt_jax.train import tbptt_trainer
 
 PROG = "tbptt-jax"
-TASKS = ("r2rt",)
+TASKS = ("r2rt", "lm")
 OPTIMIZERS = {
   "adam": optax.adam,
   "adamw": optax.adamw,
@@ -65,6 +67,21 @@ def _positive(kind):
   return parse
 
 
+# Defaults of the r2rt task; the lm task takes its defaults from `--preset`.
+R2RT_DEFAULTS = dict(
+  cell="elman",
+  hidden=16,
+  layers=1,
+  batch_size=200,
+  k1=10,
+  steps=2000,
+  optimizer="adam",
+  lr=0.01,
+  clip=None,
+)
+LM_CELL = "optimized_lstm"
+
+
 def _parser() -> argparse.ArgumentParser:
   parser = _Parser(prog=PROG, description="Train recurrent networks with exact TBPTT(k1, k2).")
   commands = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -73,35 +90,83 @@ def _parser() -> argparse.ArgumentParser:
     help="train a model (default: Elman state 16 on the r2rt synthetic task)",
     description=(
       "Train with TBPTT(k1, k2). Default: the r2rt synthetic task, Elman cell of state 16, "
-      "batch 200, k1 = k2 = 10, Adam."
+      "batch 200, k1 = k2 = 10, Adam. --task lm trains a language model on --data DIR "
+      "with a Zaremba et al. (2014) preset; flags given override the preset."
     ),
-    formatter_class=argparse.ArgumentDefaultsHelpFormatter,
   )
   pos_int, pos_float = _positive(int), _positive(float)
   train.add_argument("--task", choices=TASKS, default="r2rt", help="the training task")
-  train.add_argument("--cell", choices=CELL_NAMES, default="elman", help="the recurrent cell")
-  train.add_argument("--hidden", type=pos_int, default=16, help="state size of each layer")
-  train.add_argument("--layers", type=pos_int, default=1, help="stacked recurrent layers")
-  train.add_argument("--batch-size", type=pos_int, default=200, help="parallel streams")
-  train.add_argument("--k1", type=pos_int, default=10, help="steps per update")
+  train.add_argument(
+    "--cell", choices=CELL_NAMES, help=f"the recurrent cell (r2rt: elman; lm: {LM_CELL})"
+  )
+  train.add_argument("--hidden", type=pos_int, help="state size of each layer (r2rt: 16)")
+  train.add_argument("--layers", type=pos_int, help="stacked recurrent layers (r2rt: 1)")
+  train.add_argument("--batch-size", type=pos_int, help="parallel streams (r2rt: 200)")
+  train.add_argument("--k1", type=pos_int, help="steps per update (r2rt: 10)")
   train.add_argument("--k2", type=pos_int, default=None, help="backprop steps (default: k1)")
   train.add_argument("--style", choices=STYLES, default="window", help="truncation style")
-  train.add_argument("--steps", type=pos_int, default=2000, help="optimizer updates")
+  train.add_argument("--steps", type=pos_int, help="optimizer updates (r2rt only: 2000)")
   train.add_argument(
     "--updates-per-call",
     type=pos_int,
     default=100,
-    help="updates made by one jitted call (a lax.scan over chunks)",
+    help="updates made by one jitted call, a lax.scan over chunks (default 100)",
   )
-  train.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="adam")
-  train.add_argument("--lr", type=pos_float, default=0.01, help="learning rate")
-  train.add_argument("--clip", type=pos_float, default=None, help="max global gradient norm")
+  train.add_argument(
+    "--optimizer", choices=sorted(OPTIMIZERS), help="optax optimizer (r2rt: adam; lm: sgd)"
+  )
+  train.add_argument("--lr", type=pos_float, help="learning rate (r2rt: 0.01)")
+  train.add_argument("--clip", type=pos_float, help="max global gradient norm (r2rt: none)")
   train.add_argument("--unroll", type=pos_int, default=1, help="lax.scan unroll over time")
   train.add_argument("--seed", type=int, default=0, help="seed of data and initialisation")
   train.add_argument("--out", default=None, help="folder for summary, metrics and parameters")
   train.add_argument("--json", action="store_true", help="end stdout with a JSON summary line")
+  lm_flags = train.add_argument_group("language modelling (--task lm)")
+  lm_flags.add_argument("--data", help="folder of train/valid/test text files")
+  lm_flags.add_argument("--level", choices=LEVELS, default="word", help="tokens: words or chars")
+  lm_flags.add_argument(
+    "--preset", choices=sorted(lm.PRESETS), default="small", help="Zaremba et al. settings"
+  )
+  lm_flags.add_argument("--epochs", type=pos_int, help="passes over the training text")
+  lm_flags.add_argument("--dropout", type=_probability, help="dropout on non-recurrent links")
+  lm_flags.add_argument("--init-scale", type=pos_float, help="uniform initialisation range")
+  lm_flags.add_argument("--tie", action="store_true", help="tie softmax and embedding weights")
+  lm_flags.add_argument(
+    "--train-tokens", type=pos_int, help="use only the first N training tokens (quick runs)"
+  )
+  lm_flags.add_argument(
+    "--eval-batch-size", type=pos_int, default=10, help="streams in evaluation (default 10)"
+  )
   train.set_defaults(run=_train)
+
+  evaluate = commands.add_parser(
+    "eval",
+    help="perplexity of a saved language model on a corpus",
+    description="Evaluate a model file written by `train --task lm --out DIR` on --data DIR.",
+  )
+  evaluate.add_argument("--data", required=True, help="folder of train/valid/test text files")
+  evaluate.add_argument(
+    "--checkpoint", required=True, help="model.msgpack, or the --out folder holding it"
+  )
+  evaluate.add_argument(
+    "--split", choices=("valid", "test"), default="test", help="which split (default test)"
+  )
+  evaluate.add_argument(
+    "--eval-batch-size", type=pos_int, default=10, help="streams in evaluation (default 10)"
+  )
+  evaluate.add_argument("--json", action="store_true", help="end stdout with a JSON summary line")
+  evaluate.set_defaults(run=_eval)
   return parser
+
+
+def _probability(text: str) -> float:
+  try:
+    value = float(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
+  if not 0 <= value < 1:
+    raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
+  return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -109,7 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser = _parser()
   args = parser.parse_args(argv)
   if args.command is None:
-    parser.error("a command is required: train")
+    parser.error("a command is required: train or eval")
   try:
     return args.run(args)
   except ValueError as e:
@@ -118,6 +183,24 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+  if args.task == "lm":
+    return _train_lm(args)
+  for flag, name in (
+    ("--data", "data"),
+    ("--epochs", "epochs"),
+    ("--dropout", "dropout"),
+    ("--init-scale", "init_scale"),
+    ("--train-tokens", "train_tokens"),
+  ):
+    if getattr(args, name) is not None:
+      raise ValueError(f"{flag} applies to --task lm, got --task {args.task}")
+  for name, value in R2RT_DEFAULTS.items():
+    if getattr(args, name) is None:
+      setattr(args, name, value)
+  return _train_r2rt(args)
+
+
+def _train_r2rt(args: argparse.Namespace) -> int:
   k2 = args.k1 if args.k2 is None else args.k2
   out = _prepare_out(args.out)
   trainer = tbptt_trainer(
@@ -200,6 +283,257 @@ def _train(args: argparse.Namespace) -> int:
   return 0
 
 
+def _train_lm(args: argparse.Namespace) -> int:
+  if args.data is None:
+    raise ValueError("--task lm needs --data DIR, a folder of train/valid/test text files")
+  if args.steps is not None:
+    raise ValueError("--steps applies to --task r2rt; --task lm trains for --epochs")
+  preset = lm.PRESETS[args.preset]
+  k1 = pick(args.k1, preset.k)
+  k2 = pick(args.k2, k1)
+  batch_size = pick(args.batch_size, preset.batch_size)
+  epochs = pick(args.epochs, preset.epochs)
+  optimizer_name = pick(args.optimizer, "sgd")
+  clip = pick(args.clip, preset.max_grad_norm)
+  out = _prepare_out(args.out)
+
+  corpus = read_corpus(args.data, args.level)
+  train_tokens = corpus.train if args.train_tokens is None else corpus.train[: args.train_tokens]
+  if len(train_tokens) < 2 * batch_size:
+    raise ValueError(
+      f"--batch-size {batch_size} needs at least {2 * batch_size} training tokens, "
+      f"got {len(train_tokens)}"
+    )
+  streams = batchify(train_tokens, batch_size)
+  config = lm.LMConfig(
+    vocab_size=len(corpus.vocab),
+    hidden=pick(args.hidden, preset.hidden),
+    layers=pick(args.layers, preset.layers),
+    cell=pick(args.cell, LM_CELL),
+    dropout=pick(args.dropout, preset.dropout),
+    tie_embeddings=args.tie,
+    init_scale=pick(args.init_scale, preset.init_scale),
+  )
+  model = lm.language_model(config)
+  # Each epoch: ceil((L - 1) / k1) updates, the last one shorter when k1 does not divide L - 1.
+  updates_per_epoch = -(-(streams.shape[1] - 1) // k1)
+  schedule = lm.lr_schedule(preset, updates_per_epoch, args.lr)
+  trainer = tbptt_trainer(
+    model,
+    lm.cross_entropy,
+    # Zaremba et al.'s units: lr and clip apply to the loss summed over a block's steps.
+    lm.zaremba_sgd(k1, schedule, clip, OPTIMIZERS[optimizer_name]),
+    k1=k1,
+    k2=k2,
+    style=args.style,
+    unroll=args.unroll,
+    step_rngs=True,
+  )
+  evaluate = lm.evaluator(model, batch_size=args.eval_batch_size)
+  _check_eval_split(corpus.valid, args.eval_batch_size, "valid")
+  _check_eval_split(corpus.test, args.eval_batch_size, "test")
+
+  print(
+    f"lm: {args.data} ({args.level} level, vocabulary {len(corpus.vocab):,}, "
+    f"{len(train_tokens):,} / {len(corpus.valid):,} / {len(corpus.test):,} tokens); "
+    f"{config.cell} x{config.layers} state {config.hidden}, dropout {config.dropout}, "
+    f"batch {batch_size}, TBPTT(k1={k1}, k2={k2}, {args.style}), {optimizer_name} "
+    f"lr {schedule(0):g}, clip {clip}, {epochs} epochs of {updates_per_epoch} updates",
+    flush=True,
+  )
+  start = time.perf_counter()
+  state = trainer.init(jax.random.key(args.seed), streams[:, :k1])
+  best = None  # (valid loss, epoch, params)
+  history, losses = [], []
+  chunk_len = args.updates_per_call * k1
+  first_call_seconds = first_call_train_seconds = None
+  with tqdm(total=epochs * updates_per_epoch, unit="update", file=sys.stderr, mininterval=1) as bar:
+    for epoch in range(1, epochs + 1):
+      epoch_start, epoch_losses = time.perf_counter(), []
+      lr = float(schedule(state.step))
+      state = trainer.reset(state)  # each epoch starts every stream from the initial state
+      for inputs, targets in iterate_chunks(streams, chunk_len):
+        state, metrics = trainer.update(state, inputs, targets)
+        loss = np.asarray(metrics.loss)  # waits for the call to finish
+        if first_call_seconds is None:  # init, compilation and the first call
+          first_call_seconds = time.perf_counter() - start
+          first_call_train_seconds = time.perf_counter() - epoch_start
+        epoch_losses.append(loss)
+        bar.set_description(f"epoch {epoch}/{epochs}", refresh=False)
+        seconds = time.perf_counter() - epoch_start
+        bar.set_postfix(
+          loss=f"{loss[-1]:.3f}",
+          ppl=f"{np.exp(loss[-1]):.1f}",
+          tok_s=f"{sum(map(len, epoch_losses)) * k1 * batch_size / seconds:,.0f}",
+          refresh=False,
+        )
+        bar.update(len(loss))
+      train_seconds = time.perf_counter() - epoch_start
+      epoch_losses = np.concatenate(epoch_losses)
+      losses.append(epoch_losses)
+      valid = evaluate(state.params, corpus.valid)
+      record = {
+        "epoch": epoch,
+        "lr": lr,
+        # Updates are means over equal blocks but the last: weight by steps.
+        "train_loss": _token_mean(epoch_losses, streams.shape[1] - 1, k1),
+        "valid_loss": valid.loss,
+        "valid_ppl": valid.perplexity,
+        "train_seconds": round(train_seconds, 3),
+        "seconds": round(time.perf_counter() - epoch_start, 3),
+        "tokens_per_s": round((streams.shape[1] - 1) * batch_size / train_seconds, 1),
+      }
+      record["train_ppl"] = math.exp(record["train_loss"])
+      history.append(record)
+      if best is None or valid.loss < best[0]:
+        best = (valid.loss, epoch, jax.tree.map(np.asarray, state.params))
+      bar.write(
+        f"epoch {epoch:3d}  lr {lr:.4g}  train ppl {record['train_ppl']:8.2f}  "
+        f"valid ppl {valid.perplexity:8.2f}  {record['tokens_per_s']:,.0f} tokens/s"
+      )
+      if out is not None:
+        _append_jsonl(os.path.join(out, "metrics.jsonl"), record)
+  _, best_epoch, best_params = best
+  test = evaluate(best_params, corpus.test)
+  seconds = time.perf_counter() - start
+  losses = np.concatenate(losses)
+  tokens = epochs * (streams.shape[1] - 1) * batch_size
+  train_seconds = sum(r["train_seconds"] for r in history)
+  # Throughput without compilation: the training calls after the first.
+  first_call_tokens = min(chunk_len, streams.shape[1] - 1) * batch_size
+  after_first_call = (tokens - first_call_tokens) / (train_seconds - first_call_train_seconds)
+  summary = {
+    "task": "lm",
+    "data": os.path.abspath(args.data),
+    "level": args.level,
+    "vocab_size": len(corpus.vocab),
+    "preset": args.preset,
+    "cell": config.cell,
+    "hidden": config.hidden,
+    "layers": config.layers,
+    "dropout": config.dropout,
+    "tie_embeddings": config.tie_embeddings,
+    "init_scale": config.init_scale,
+    "batch_size": batch_size,
+    "k1": k1,
+    "k2": k2,
+    "style": args.style,
+    "optimizer": optimizer_name,
+    "lr": float(schedule(0)),
+    "clip": clip,
+    "seed": args.seed,
+    "epochs": epochs,
+    "steps": int(state.step),
+    "tokens": tokens,
+    "seconds": round(seconds, 3),
+    "first_call_seconds": round(first_call_seconds, 3),
+    "tokens_per_s": round(tokens / seconds, 1),
+    "tokens_per_s_after_first_call": round(after_first_call, 1),
+    "train_tokens_per_s": round(tokens / train_seconds, 1),
+    "final_loss": round(float(losses[-max(1, len(losses) // 10) :].mean()), 5),
+    "best_epoch": best_epoch,
+    "valid_ppl": round(math.exp(best[0]), 3),
+    "test_ppl": round(test.perplexity, 3),
+    "test_bits_per_token": round(test.bits_per_token, 4),
+    "eval_batch_size": args.eval_batch_size,
+    "reference": {"valid_ppl": preset.valid_ppl, "test_ppl": preset.test_ppl}
+    if args.level == "word"
+    else None,
+    "backend": jax.default_backend(),
+  }
+  print(
+    f"best valid ppl {summary['valid_ppl']:.2f} (epoch {best_epoch}), test ppl "
+    f"{test.perplexity:.2f} ({test.bits_per_token:.3f} bits per token), "
+    f"{tokens:,} training tokens in {seconds:.0f} s"
+  )
+  if out is not None:
+    vocab = corpus.vocab
+    extra = {"vocabulary": {"tokens": list(vocab.tokens), "level": vocab.level, "unk": vocab.unk}}
+    lm.save_model(os.path.join(out, "model.msgpack"), config, best_params, extra)
+    _atomic_write(os.path.join(out, "summary.json"), lambda f: json.dump(summary, f, indent=2))
+    print(f"wrote {out}/model.msgpack (best valid), metrics.jsonl, summary.json")
+  if args.json:
+    print(json.dumps(summary))
+  return 0
+
+
+def pick(value: Any, default: Any) -> Any:
+  """A flag's value, or the preset's where the flag was not given."""
+  return default if value is None else value
+
+
+def _token_mean(update_losses: np.ndarray, steps: int, k1: int) -> float:
+  """The mean per-token loss of an epoch from its per-update (per-block) means."""
+  sizes = np.full(len(update_losses), k1)
+  sizes[-1] = steps - k1 * (len(update_losses) - 1)
+  return float(np.sum(update_losses * sizes) / steps)
+
+
+def _check_eval_split(tokens: np.ndarray, batch_size: int, split: str) -> None:
+  if len(tokens) < 2 * batch_size:
+    raise ValueError(
+      f"--eval-batch-size {batch_size} needs at least {2 * batch_size} {split} tokens, "
+      f"got {len(tokens)}"
+    )
+
+
+def _eval(args: argparse.Namespace) -> int:
+  path = args.checkpoint
+  if os.path.isdir(path):
+    path = os.path.join(path, "model.msgpack")
+  config, params, extra = lm.load_model(path)
+  saved = extra.get("vocabulary") if isinstance(extra, dict) else None
+  if not saved:
+    raise ValueError(f"--checkpoint {path!r} holds no vocabulary")
+  vocab = Vocabulary(tuple(saved["tokens"]), saved["level"], saved["unk"])
+  if len(vocab) != config.vocab_size:
+    raise ValueError(
+      f"--checkpoint {path!r}: vocabulary of {len(vocab)} tokens does not match the model's "
+      f"{config.vocab_size}"
+    )
+  corpus = read_corpus(args.data, vocab.level, vocab=vocab)
+  tokens = getattr(corpus, args.split)
+  _check_eval_split(tokens, args.eval_batch_size, args.split)
+  start = time.perf_counter()
+  result = lm.evaluator(lm.language_model(config), batch_size=args.eval_batch_size)(params, tokens)
+  seconds = time.perf_counter() - start
+  summary = {
+    "checkpoint": os.path.abspath(path),
+    "data": os.path.abspath(args.data),
+    "split": args.split,
+    "tokens": result.tokens,
+    "loss": result.loss,
+    "ppl": result.perplexity,
+    "bits_per_token": result.bits_per_token,
+    "eval_batch_size": args.eval_batch_size,
+    "seconds": round(seconds, 3),
+  }
+  print(
+    f"{args.split}: perplexity {result.perplexity:.2f} ({result.bits_per_token:.4f} bits per "
+    f"token) over {result.tokens:,} tokens, {args.eval_batch_size} streams, {seconds:.1f} s"
+  )
+  if args.json:
+    print(json.dumps(summary))
+  return 0
+
+
+def _append_jsonl(path: str, record: dict) -> None:
+  with open(path, "a") as f:
+    f.write(json.dumps(record) + "\n")
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def _atomic_write(path: str, write, mode: str = "w") -> None:
+  """Writes beside, then renames: a crash never leaves a half-written file."""
+  tmp = f"{path}.tmp"
+  with open(tmp, mode) as f:
+    write(f)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
 def _prepare_out(out: str | None) -> str | None:
   if out is None:
     return None
@@ -216,15 +550,8 @@ def _prepare_out(out: str | None) -> str | None:
 
 def _write_outputs(out: str, summary: dict, losses, grad_norms, params: Any) -> None:
   def atomic(name: str, write) -> None:
-    # Write beside, then rename: a crash never leaves a half-written file.
-    path = os.path.join(out, name)
-    tmp = f"{path}.tmp"
     mode = "wb" if name.endswith(".msgpack") else "w"
-    with open(tmp, mode) as f:
-      write(f)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
+    _atomic_write(os.path.join(out, name), write, mode)
 
   def metrics_csv(f):
     writer = csv.writer(f)

@@ -52,7 +52,7 @@ class TrainState(NamedTuple):
   carry: Carry  # leaves [batch, ...]: each stream's state after the last step seen
   lookback: Lookback  # the last k2 - 1 steps of every stream, time-major
   step: jax.Array  # shape=(), int32: optimizer updates made
-  rng: jax.Array  # PRNG key for stochastic models; the built-in cells do not use it
+  rng: jax.Array  # PRNG key: the source of per-step randomness (`step_rngs`)
 
 
 class UpdateMetrics(NamedTuple):
@@ -94,13 +94,15 @@ def tbptt_trainer(
   style: str = "window",
   max_grad_norm: float | None = None,
   unroll: int | bool = 1,
+  step_rngs: bool = False,
 ) -> Trainer:
   """Builds a jitted TBPTT(k1, k2) training step for a recurrent model.
 
   Args:
     model: a `Cell` whose `apply(params, carry, x_t) -> (carry, out_t)` maps an
-      input step to the outputs `loss_fn` scores (e.g. logits); see
-      `tbptt_jax.stack` to build one from embedding, cells and readout.
+      input step to the outputs `loss_fn` scores (e.g. logits), or to the
+      inputs of its `head` if it has one; see `tbptt_jax.stack` and
+      `tbptt_jax.with_head` to build one from embedding, cells and readout.
     loss_fn: `loss_fn(out_t, y_t) -> [batch]` per-example losses, e.g.
       `optax.softmax_cross_entropy_with_integer_labels`.
     optimizer: an optax optimizer.
@@ -110,6 +112,11 @@ def tbptt_trainer(
     max_grad_norm: if set, each update's gradient is clipped to this global
       norm (`optax.clip_by_global_norm`) before the optimizer.
     unroll: passed to the `jax.lax.scan` over time.
+    step_rngs: for stochastic models (dropout): if True, the model's input at
+      step t is `(x_t, rng_t)`, `rng_t` being raw PRNG key data (`[batch, 2]`
+      uint32, `jax.random.key_data`), fresh for every stream and step, drawn
+      from `TrainState.rng`. The lookback keeps them with the inputs, so a
+      window that re-runs a step replays the step's randomness exactly.
 
   Returns:
     A `Trainer(init, update, reset)`.
@@ -139,9 +146,22 @@ def tbptt_trainer(
     carry = model.initial_carry(x_t)
     return carry, empty_lookback(carry, x_t, k2)
 
+  def with_rngs(rng: jax.Array, inputs: Any) -> tuple[jax.Array, Any]:
+    """`(rng, inputs)` or, with `step_rngs`, the next rng and `(inputs, rngs)`."""
+    if not step_rngs:
+      return rng, inputs
+    batch, time = jax.tree.leaves(inputs)[0].shape[:2]
+    rng, draw = jax.random.split(rng)
+    rngs = jax.random.split(draw, (batch, time))
+    if jax.dtypes.issubdtype(rngs.dtype, jax.dtypes.prng_key):
+      rngs = jax.random.key_data(rngs)
+    return rng, (inputs, rngs)
+
   def init(rng: jax.Array, inputs: Any) -> TrainState:
     _checks.batch_time("init", "inputs", inputs)
-    x_t = jax.tree.map(lambda a: jnp.asarray(a)[:, 0], inputs)
+    inputs = jax.tree.map(lambda a: jnp.asarray(a)[:, :1], inputs)
+    rng, inputs = with_rngs(rng, inputs)
+    x_t = jax.tree.map(lambda a: a[:, 0], inputs)
     rng_params, rng = jax.random.split(rng)
     params = model.init(rng_params, x_t)
     carry, lookback = start_of_sequence(x_t)
@@ -160,9 +180,11 @@ def tbptt_trainer(
   def update(state: TrainState, inputs: Any, targets: Any, resets: Any = None):
     batch, time = _checks.batch_time("update", "inputs", inputs)
     _checks.same_batch_time("update", "targets", targets, batch, time)
-    _checks.like_steps("update", "inputs", inputs, state.lookback.inputs)
     if resets is not None:
       _checks.resets("update", resets, batch, time)
+    rng, inputs = with_rngs(state.rng, inputs)
+    state = state._replace(rng=rng)
+    _checks.like_steps("update", "inputs", inputs, state.lookback.inputs)
     xs, ys, resets = time_major((inputs, targets, resets))
     reset_carry = model.initial_carry(jax.tree.map(lambda a: a[0], xs))
 
@@ -180,6 +202,7 @@ def tbptt_trainer(
         style=style,
         reset_carry=reset_carry,
         unroll=unroll,
+        head_fn=model.head,
         where="update",
       )
       updates, opt_state = optimizer.update(out.grads, state.opt_state, state.params)

@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tbptt_jax import _checks
-from tbptt_jax.cells import Carry, Params, StepFn
+from tbptt_jax.cells import Carry, HeadFn, Params, StepFn, apply_head
 from tbptt_jax.unroll import masked_step, scan_steps, time_major, where_leading
 
 LossFn = Callable[[Any, Any], jax.Array]
@@ -106,6 +106,7 @@ def block_gradients(
   style: str,
   reset_carry: Carry | None = None,
   unroll: int | bool = 1,
+  head_fn: HeadFn | None = None,
   where: str = "block_gradients",
 ) -> BlockResult:
   """The gradient of one TBPTT update, for a block of r <= k1 steps (time-major).
@@ -197,7 +198,8 @@ def block_gradients(
         unroll=unroll,
         keep_carries=True,
       )
-      loss = mean_loss(jax.vmap(loss_fn)(run.outputs, targets))
+      outputs = apply_head(head_fn, params, run.outputs)
+      loss = mean_loss(jax.vmap(loss_fn)(outputs, targets))
       return loss, (run.carry, run.carries)
 
     (loss, block_run), grads = jax.value_and_grad(objective, has_aux=True)(params)
@@ -214,7 +216,7 @@ def block_gradients(
     window_idx = np.arange(r)[:, None] + np.arange(k2)[None, :]
     windows = jax.tree.map(lambda a: a[window_idx], (all_inputs, all_resets, all_valid))
 
-    def window_loss(params, anchor, window, y_t):
+    def window_output(params, anchor, window):
       # Per-loss truncation: l_t is differentiated through its own k2 steps
       # t - k2 + 1 .. t only; the state s_{t - k2} entering them is a constant.
       s = jax.lax.stop_gradient(anchor)
@@ -239,11 +241,12 @@ def block_gradients(
         reset_t=rs[-1],
         reset_carry=reset_carry,
       )
-      return loss_fn(out_t, y_t)
+      return out_t
 
     def objective(params):
-      losses = jax.vmap(window_loss, in_axes=(None, 0, 0, 0))(params, anchors, windows, targets)
-      return mean_loss(losses)
+      outputs = jax.vmap(window_output, in_axes=(None, 0, 0))(params, anchors, windows)
+      outputs = apply_head(head_fn, params, outputs)
+      return mean_loss(jax.vmap(loss_fn)(outputs, targets))
 
     loss, grads = jax.value_and_grad(objective)(params)
   else:  # pragma: no cover - callers validate `style`
@@ -308,6 +311,7 @@ def tbptt_gradients(
   resets: jax.typing.ArrayLike | None = None,
   reset_carry: Carry | None = None,
   unroll: int | bool = 1,
+  head_fn: HeadFn | None = None,
 ) -> tuple[Params, Carry]:
   r"""The gradients of every update of TBPTT(k1, k2) over a sequence, at fixed params.
 
@@ -332,6 +336,9 @@ def tbptt_gradients(
       `reset_carry` before that step, which also cuts the backward pass there.
     reset_carry: the carry a reset restores; default zeros.
     unroll: passed to the inner `jax.lax.scan` over time.
+    head_fn: optional `head_fn(params, y_t) -> out_t`, a stateless readout
+      applied to every step's output after the scan (a `Cell`'s `head`);
+      `loss_fn` then scores `out_t`.
 
   Returns:
     `(grads, final_carry)`: `grads` is the pytree of `params` with a new leading
@@ -377,6 +384,7 @@ def tbptt_gradients(
       style=style,
       reset_carry=reset_carry,
       unroll=unroll,
+      head_fn=head_fn,
       where=where,
     )
     return (out.carry, out.lookback), out.grads

@@ -1,0 +1,436 @@
+r"""Recurrent language models trained with TBPTT: Zaremba et al. (2014) and its presets.
+
+The model reads one token per step and predicts the next:
+
+    e_t = E[w_t],   h_t^(l) = cell_l(h_{t-1}^(l), D(h_t^(l-1))),
+    p(w_{t+1} | w_1..w_t) = softmax(V D(h_t^(L)) + c)
+
+with h_t^(0) = e_t, and D dropout on the non-recurrent connections only (the
+embedding, between layers and before the softmax; the carried states are never
+dropped), as in Zaremba, Sutskever & Vinyals (2014). With tied embeddings
+V = E (Press & Wolf 2017; Inan et al. 2017). Every parameter starts uniform in
+[-init_scale, init_scale].
+
+The model is a `Cell` whose step input is `(w_t, rng_t)`: the token ids
+`[batch]` and, in training, per-stream PRNG key data `[batch, 2]` for the
+dropout masks (`tbptt_trainer(..., step_rngs=True)` supplies them); with
+`rng_t = None` the model is deterministic, as in evaluation. The softmax layer
+is the cell's `head`, so training computes it for all steps of a window in one
+matrix product, outside the scan.
+
+Evaluation (`evaluator`) is forward only: the state is carried across the
+whole evaluation stream, so every token is predicted from all the text before
+it in its stream; no truncation is involved.
+
+References:
+  Zaremba, Sutskever & Vinyals, "Recurrent Neural Network Regularization",
+  arXiv:1409.2329, 2014 (Table 1: the small, medium and large presets).
+  Press & Wolf, "Using the Output Embedding to Improve Language Models", EACL 2017.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import flax.serialization
+import jax
+import jax.numpy as jnp
+import msgpack
+import numpy as np
+import optax
+
+from tbptt_jax import _checks
+from tbptt_jax.cells import CELL_NAMES, Cell, apply_head, cell_by_name
+from tbptt_jax.streams import batchify
+from tbptt_jax.unroll import scan_steps, time_major
+
+
+class LMConfig(NamedTuple):
+  """The architecture of a language model: everything needed to rebuild it."""
+
+  vocab_size: int
+  hidden: int = 200  # embedding size and state size of every layer
+  layers: int = 2
+  cell: str = "optimized_lstm"  # a `cell_by_name` name
+  dropout: float = 0.0  # probability of dropping a non-recurrent activation
+  tie_embeddings: bool = False  # softmax weights = embedding matrix
+  init_scale: float = 0.1  # every parameter starts uniform in [-init_scale, init_scale]
+
+
+class LMParams(NamedTuple):
+  """Parameters of the language model."""
+
+  embedding: jax.Array  # shape=[vocab, hidden], E
+  layers: tuple  # one cell's parameters per layer
+  softmax: jax.Array | None  # shape=[vocab, hidden], V; None when tied to `embedding`
+  bias: jax.Array  # shape=[vocab], c
+
+
+class Preset(NamedTuple):
+  """A training recipe: model, truncation, optimizer and learning-rate schedule.
+
+  The learning rate of epoch e = 1, 2, ... is lr * lr_decay ** max(0, e - decay_after),
+  plain SGD on the gradient clipped to global norm `max_grad_norm`.
+  """
+
+  hidden: int
+  layers: int
+  k: int  # TBPTT(k, k): Zaremba's num_steps
+  batch_size: int
+  init_scale: float
+  lr: float
+  decay_after: int  # epochs at the full learning rate
+  lr_decay: float  # factor per epoch after that
+  max_grad_norm: float
+  epochs: int
+  dropout: float
+  valid_ppl: float  # Zaremba et al., Table 1
+  test_ppl: float
+
+
+# Zaremba et al. (2014), Table 1 and section 4.1: 2 layers, batch 20, SGD.
+PRESETS = {
+  "small": Preset(200, 2, 20, 20, 0.1, 1.0, 4, 0.5, 5.0, 13, 0.0, 120.7, 114.5),
+  "medium": Preset(650, 2, 35, 20, 0.05, 1.0, 6, 1 / 1.2, 5.0, 39, 0.5, 86.2, 82.7),
+  "large": Preset(1500, 2, 35, 20, 0.04, 1.0, 14, 1 / 1.15, 10.0, 55, 0.65, 82.2, 78.4),
+}
+
+
+def language_model(config: LMConfig) -> Cell:
+  """The recurrent language model of `config`, as a `Cell` with a softmax `head`.
+
+  Step input `(w_t, rng_t)`: token ids `[batch]` (int) and PRNG key data
+  `[batch, 2]` (uint32) for dropout, or None for no dropout. The step output
+  is the top layer's (dropped-out) state; `head` maps it to logits `[batch, vocab]`.
+
+  Args:
+    config: the architecture; see `LMConfig`.
+
+  Example:
+    >>> model = language_model(LMConfig(vocab_size=10_000, hidden=200, layers=2))
+    >>> x_t = (jnp.zeros((20,), jnp.int32), None)
+    >>> params = model.init(jax.random.key(0), x_t)
+    >>> carry, h_t = model.apply(params, model.initial_carry(x_t), x_t)
+    >>> model.head(params, h_t).shape
+    (20, 10000)
+
+  References:
+    Zaremba, Sutskever & Vinyals 2014, section 3 (dropout on non-recurrent
+    connections only).
+  """
+  config = check_config("language_model", config)
+  cells = [cell_by_name(config.cell, config.hidden) for _ in range(config.layers)]
+  keep = 1.0 - config.dropout
+
+  def init(rng: jax.Array, x_t: Any) -> LMParams:
+    w_t, _ = x_t
+    batch = jnp.shape(w_t)[0]
+    h_t = jnp.zeros((batch, config.hidden), jnp.float32)
+    keys = jax.random.split(rng, config.layers + 1)
+    params = LMParams(
+      embedding=jnp.zeros((config.vocab_size, config.hidden), jnp.float32),
+      layers=tuple(cell.init(key, h_t) for cell, key in zip(cells, keys[1:], strict=True)),
+      softmax=None
+      if config.tie_embeddings
+      else jnp.zeros((config.vocab_size, config.hidden), jnp.float32),
+      bias=jnp.zeros((config.vocab_size,), jnp.float32),
+    )
+    return uniform_init(keys[0], params, config.init_scale)
+
+  def initial_carry(x_t: Any) -> tuple:
+    w_t, _ = x_t
+    h_t = jax.ShapeDtypeStruct((jnp.shape(w_t)[0], config.hidden), jnp.float32)
+    return tuple(cell.initial_carry(h_t) for cell in cells)
+
+  def apply(params: LMParams, carry: tuple, x_t: Any) -> tuple[tuple, jax.Array]:
+    w_t, rng_t = x_t
+    uniforms = None
+    if rng_t is not None and config.dropout > 0:
+      # One draw per stream for all dropout sites of the step (cheaper than one per site).
+      keys = jax.vmap(jax.random.wrap_key_data)(rng_t)
+      uniforms = jax.vmap(jax.random.uniform, (0, None))(keys, (config.layers + 1, config.hidden))
+
+    def drop(h: jax.Array, site: int) -> jax.Array:
+      # Inverted dropout, an independent mask per stream: scaled up in
+      # training, so evaluation (no masks) needs no correction.
+      if uniforms is None:
+        return h
+      return jnp.where(uniforms[:, site] < keep, h / keep, 0.0)
+
+    h = drop(params.embedding[w_t], 0)
+    new_carry = []
+    for layer, (cell, layer_params, layer_carry) in enumerate(
+      zip(cells, params.layers, carry, strict=True)
+    ):
+      layer_carry, h = cell.apply(layer_params, layer_carry, h)
+      new_carry.append(layer_carry)
+      h = drop(h, layer + 1)
+    return tuple(new_carry), h
+
+  def head(params: LMParams, h_t: jax.Array) -> jax.Array:
+    weights = params.embedding if params.softmax is None else params.softmax
+    return h_t @ weights.T + params.bias
+
+  return Cell(init, initial_carry, apply, head)
+
+
+def uniform_init(rng: jax.Array, params: Any, scale: float) -> Any:
+  """Every leaf of `params` drawn afresh, uniform in [-scale, scale] (Zaremba et al.)."""
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(rng, len(leaves))
+  return treedef.unflatten(
+    [
+      jax.random.uniform(k, a.shape, a.dtype, -scale, scale)
+      for k, a in zip(keys, leaves, strict=True)
+    ]
+  )
+
+
+def check_config(where: str, config: Any) -> LMConfig:
+  """`config` checked: positive sizes, a known cell, dropout in [0, 1)."""
+  if not isinstance(config, LMConfig):
+    raise ValueError(f"{where}: config must be an LMConfig, got {type(config).__name__}")
+  for name in ("vocab_size", "hidden", "layers"):
+    _checks.positive_int(where, f"config.{name}", getattr(config, name))
+  if config.cell not in CELL_NAMES:
+    raise ValueError(f"{where}: config.cell must be one of {CELL_NAMES}, got {config.cell!r}")
+  if not 0.0 <= config.dropout < 1.0:
+    raise ValueError(f"{where}: config.dropout must be in [0, 1), got {config.dropout!r}")
+  if not config.init_scale > 0:
+    raise ValueError(f"{where}: config.init_scale must be > 0, got {config.init_scale!r}")
+  return config
+
+
+def lr_schedule(preset: Preset, updates_per_epoch: int, lr: float | None = None) -> optax.Schedule:
+  """The preset's per-epoch learning rate as a function of the update count.
+
+  Epoch e = update // updates_per_epoch + 1 has learning rate
+  lr * lr_decay ** max(0, e - decay_after): constant for `decay_after` epochs,
+  then divided by 1 / lr_decay each epoch (Zaremba et al., section 4.1).
+  """
+  base = preset.lr if lr is None else lr
+  updates_per_epoch = _checks.positive_int("lr_schedule", "updates_per_epoch", updates_per_epoch)
+
+  def schedule(count: jax.Array) -> jax.Array:
+    epoch = count // updates_per_epoch + 1
+    return base * preset.lr_decay ** jnp.maximum(0, epoch - preset.decay_after)
+
+  return schedule
+
+
+def zaremba_sgd(
+  k: int,
+  learning_rate: float | optax.Schedule,
+  max_grad_norm: float | None,
+  optimizer: Callable[..., optax.GradientTransformation] = optax.sgd,
+) -> optax.GradientTransformation:
+  """SGD on the loss summed over the k steps of a block, clipped, as Zaremba et al. train.
+
+  `tbptt_trainer` differentiates the mean loss over the batch and the block's
+  steps. Zaremba et al. (and TensorFlow's PTB tutorial) minimise the loss
+  summed over the k steps and averaged over the batch, whose gradient is k
+  times larger; their learning rate 1 and clipping norm 5 are in those units.
+  So the gradient is scaled by k, then clipped, then the step taken: the same
+  updates as theirs (PyTorch's word_language_model writes the same thing as
+  lr 20, clip 0.25 on the mean loss at k = 20).
+
+  Args:
+    k: the block length k1.
+    learning_rate: a float or an optax schedule (e.g. `lr_schedule`).
+    max_grad_norm: the clipping norm of the summed loss's gradient, or None.
+    optimizer: an optax optimizer factory taking the learning rate.
+  """
+  k = _checks.positive_int("zaremba_sgd", "k", k)
+  clip = [] if max_grad_norm is None else [optax.clip_by_global_norm(max_grad_norm)]
+  return optax.chain(optax.scale(float(k)), *clip, optimizer(learning_rate))
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """Per-example negative log-likelihood in nats, `[batch]`: the training loss."""
+  return optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+
+
+class Evaluation(NamedTuple):
+  """The result of evaluating a model on a token stream."""
+
+  loss: float  # mean negative log-likelihood per predicted token, nats
+  tokens: int  # tokens predicted
+
+  @property
+  def perplexity(self) -> float:
+    return math.exp(self.loss)
+
+  @property
+  def bits_per_token(self) -> float:
+    return self.loss / math.log(2)
+
+
+def evaluator(
+  model: Cell, *, batch_size: int = 1, chunk_len: int | None = None
+) -> Callable[[Any, Any], Evaluation]:
+  """A function `evaluate(params, tokens) -> Evaluation` with the state carried throughout.
+
+  `tokens` (1-D) is cut into `batch_size` streams (`batchify`); each stream is
+  run forward from the initial carry to its end, `chunk_len` steps per jitted
+  call, the state carried from chunk to chunk, and every token after a
+  stream's first is scored given all the tokens before it in its stream. The
+  result does not depend on `chunk_len`. No dropout: the model gets
+  `rng_t = None`.
+
+  Args:
+    model: a model with the step input `(w_t, rng_t)` of `language_model`.
+    batch_size: evaluation streams (1 scores every token after the first with
+      the whole text before it; more streams are faster).
+    chunk_len: steps per jitted call; default about 1000 tokens per call, which
+      bounds the memory of the logits (`[tokens, vocab]` floats per call).
+  """
+  where = "evaluator"
+  batch_size = _checks.positive_int(where, "batch_size", batch_size)
+  if chunk_len is None:
+    chunk_len = max(1, 1024 // batch_size)
+  chunk_len = _checks.positive_int(where, "chunk_len", chunk_len)
+
+  @jax.jit
+  def chunk_loss(params, carry, inputs, targets):
+    xs = time_major(inputs)
+    run = scan_steps(model.apply, params, carry, (xs, None))
+    logits = apply_head(model.head, params, run.outputs)
+    return run.carry, jnp.sum(jax.vmap(cross_entropy)(logits, time_major(targets)))
+
+  def evaluate(params: Any, tokens: Any) -> Evaluation:
+    streams = batchify(tokens, batch_size)
+    if streams.shape[1] < 2:
+      raise ValueError(
+        f"{where}: tokens must give each of the {batch_size} streams at least 2 tokens, "
+        f"got {len(np.asarray(tokens))} tokens"
+      )
+    carry = model.initial_carry((jnp.zeros((batch_size,), jnp.int32), None))
+    total = 0.0
+    for start in range(0, streams.shape[1] - 1, chunk_len):
+      stop = min(start + chunk_len, streams.shape[1] - 1)
+      carry, loss = chunk_loss(
+        params, carry, streams[:, start:stop], streams[:, start + 1 : stop + 1]
+      )
+      total += float(loss)  # float64 on the host: exact over millions of tokens
+    count = batch_size * (streams.shape[1] - 1)
+    return Evaluation(total / count, count)
+
+  return evaluate
+
+
+def sample(
+  model: Cell,
+  params: Any,
+  prompt: Any,
+  length: int,
+  rng: jax.Array,
+  *,
+  temperature: float = 1.0,
+) -> np.ndarray:
+  """Generates `length` tokens after `prompt`, the state carried from the prompt on.
+
+  Args:
+    model: a model with the step input `(w_t, rng_t)` of `language_model`.
+    params: its parameters.
+    prompt: 1-D token ids, at least one.
+    length: tokens to generate.
+    rng: PRNG key for sampling.
+    temperature: logits are divided by it; smaller is greedier.
+
+  Returns:
+    The generated ids, a NumPy array `[length]`.
+  """
+  where = "sample"
+  prompt = np.asarray(prompt)
+  if prompt.ndim != 1 or len(prompt) < 1:
+    raise ValueError(f"{where}: prompt must be a 1-D array of one or more ids, got {prompt!r}")
+  length = _checks.positive_int(where, "length", length)
+  if not temperature > 0:
+    raise ValueError(f"{where}: temperature must be > 0, got {temperature!r}")
+  return np.asarray(_sample(model, params, jnp.asarray(prompt), length, rng, temperature))[:, 0]
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3, 5))
+def _sample(model, params, prompt, length, rng, temperature):
+  carry = model.initial_carry((prompt[:1], None))
+  # The prompt but its last token only sets the state.
+  run = scan_steps(model.apply, params, carry, (prompt[:-1, None], None), keep_outputs=False)
+
+  def step(state, key):
+    carry, w_t = state
+    carry, h_t = model.apply(params, carry, (w_t, None))
+    logits = model.head(params, h_t) / temperature
+    w_next = jax.random.categorical(key, logits)
+    return (carry, w_next), w_next
+
+  _, tokens = jax.lax.scan(step, (run.carry, prompt[-1:]), jax.random.split(rng, length))
+  return tokens
+
+
+# Model files: `save_model` / `load_model`.
+_FORMAT = "tbptt_jax.language_model"
+_VERSION = 1
+
+
+def save_model(path: str, config: LMConfig, params: Any, extra: dict | None = None) -> None:
+  """Writes a model file: config, parameters and `extra` (e.g. the vocabulary), atomically.
+
+  The bytes go to `path + ".tmp"`, are flushed to disk, then renamed over
+  `path`: a crash leaves the previous file intact. The format is msgpack
+  (`flax.serialization`), readable without tbptt_jax.
+  """
+  payload = {
+    "format": _FORMAT,
+    "version": _VERSION,
+    "config": config._asdict(),
+    "params": flax.serialization.to_state_dict(jax.device_get(params)),
+    "extra": extra or {},
+  }
+  tmp = f"{path}.tmp"
+  with open(tmp, "wb") as f:
+    f.write(flax.serialization.msgpack_serialize(payload))
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def load_model(path: str) -> tuple[LMConfig, LMParams, dict]:
+  """Reads a file written by `save_model`: `(config, params, extra)`.
+
+  Raises a `ValueError` naming `path` if it is missing, not a model file, or
+  its parameters do not match its config.
+  """
+  where = "load_model"
+  try:
+    with open(path, "rb") as f:
+      payload = flax.serialization.msgpack_restore(f.read())
+  except OSError as e:
+    raise ValueError(f"{where}: cannot read model file {path!r}: {e.strerror}") from None
+  except (ValueError, TypeError, msgpack.exceptions.ExtraData, msgpack.exceptions.UnpackException):
+    raise ValueError(f"{where}: {path!r} is not a tbptt_jax model file (not msgpack)") from None
+  if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
+    raise ValueError(f"{where}: {path!r} is not a tbptt_jax model file")
+  if payload.get("version") != _VERSION:
+    raise ValueError(
+      f"{where}: {path!r} has model file version {payload.get('version')!r}, "
+      f"this tbptt_jax reads version {_VERSION}"
+    )
+  try:
+    config = check_config(where, LMConfig(**payload["config"]))
+  except (TypeError, KeyError) as e:
+    raise ValueError(f"{where}: {path!r} has a malformed config: {e}") from None
+  model = language_model(config)
+  x_t = (jax.ShapeDtypeStruct((1,), jnp.int32), None)
+  template = jax.eval_shape(model.init, jax.random.key(0), x_t)
+  try:
+    params = flax.serialization.from_state_dict(template, payload["params"])
+  except (ValueError, KeyError, TypeError) as e:
+    raise ValueError(f"{where}: {path!r}: parameters do not match the config: {e}") from None
+  shapes = [jnp.shape(a) for a in jax.tree.leaves(params)]
+  if shapes != [a.shape for a in jax.tree.leaves(template)]:
+    raise ValueError(f"{where}: {path!r}: parameter shapes do not match the config")
+  return config, jax.tree.map(jnp.asarray, params), payload.get("extra", {})
