@@ -10,6 +10,8 @@ long sequence in order. Modules, one idea each:
   truncation  TBPTT(k1, k2), window and per-loss styles: `tbptt_gradients`
   streams     parallel streams of one long sequence: `batchify`, chunks
   train       the optax-style training factory `tbptt_trainer`
+  data        word- and character-level corpora and vocabularies
+  lm          language models: Zaremba et al. presets, perplexity, sampling
   synthetic   the r2rt synthetic task and its reference losses
   cli         the `tbptt-jax` command
 
@@ -18,7 +20,7 @@ as `truncation.block_gradients`, `truncation.scan_blocks`, `unroll.scan_steps`)
 are the engine's building blocks, documented for those who extend it.
 """
 
-from tbptt_jax import synthetic
+from tbptt_jax import data, lm, synthetic
 from tbptt_jax.cells import CELL_NAMES as CELL_NAMES
 from tbptt_jax.cells import Cell as Cell
 from tbptt_jax.cells import ElmanParams as ElmanParams
@@ -28,6 +30,7 @@ from tbptt_jax.cells import elman_step as elman_step
 from tbptt_jax.cells import feedforward as feedforward
 from tbptt_jax.cells import flax_cell as flax_cell
 from tbptt_jax.cells import stack as stack
+from tbptt_jax.cells import with_head as with_head
 from tbptt_jax.streams import batchify as batchify
 from tbptt_jax.streams import iterate_chunks as iterate_chunks
 from tbptt_jax.train import Trainer as Trainer
@@ -50,14 +53,17 @@ __all__ = (
   "UpdateMetrics",
   "batchify",
   "cell_by_name",
+  "data",
   "elman",
   "elman_step",
   "feedforward",
   "flax_cell",
   "iterate_chunks",
+  "lm",
   "stack",
   "synthetic",
   "tbptt_gradients",
   "tbptt_trainer",
   "unroll",
+  "with_head",
 )

@@ -389,8 +389,10 @@ def _train_lm(args: argparse.Namespace) -> int:
         best = (valid.loss, epoch, jax.tree.map(np.asarray, state.params))
       bar.write(
         f"epoch {epoch:3d}  lr {lr:.4g}  train ppl {record['train_ppl']:8.2f}  "
-        f"valid ppl {valid.perplexity:8.2f}  {record['tokens_per_s']:,.0f} tokens/s"
+        f"valid ppl {valid.perplexity:8.2f}  {record['tokens_per_s']:,.0f} tokens/s",
+        file=sys.stdout,
       )
+      sys.stdout.flush()  # a log that is followed live, e.g. redirected to a file
       if out is not None:
         _append_jsonl(os.path.join(out, "metrics.jsonl"), record)
   _, best_epoch, best_params = best

@@ -59,12 +59,17 @@ class LMConfig(NamedTuple):
   dropout: float = 0.0  # probability of dropping a non-recurrent activation
   tie_embeddings: bool = False  # softmax weights = embedding matrix
   init_scale: float = 0.1  # every parameter starts uniform in [-init_scale, init_scale]
+  embedding_size: int | None = None  # default: hidden (as Zaremba et al.)
+
+  @property
+  def embedding_dim(self) -> int:
+    return self.hidden if self.embedding_size is None else self.embedding_size
 
 
 class LMParams(NamedTuple):
   """Parameters of the language model."""
 
-  embedding: jax.Array  # shape=[vocab, hidden], E
+  embedding: jax.Array  # shape=[vocab, embedding_dim], E
   layers: tuple  # one cell's parameters per layer
   softmax: jax.Array | None  # shape=[vocab, hidden], V; None when tied to `embedding`
   bias: jax.Array  # shape=[vocab], c
@@ -129,11 +134,15 @@ def language_model(config: LMConfig) -> Cell:
   def init(rng: jax.Array, x_t: Any) -> LMParams:
     w_t, _ = x_t
     batch = jnp.shape(w_t)[0]
-    h_t = jnp.zeros((batch, config.hidden), jnp.float32)
     keys = jax.random.split(rng, config.layers + 1)
+    layers = []
+    h_t = jnp.zeros((batch, config.embedding_dim), jnp.float32)
+    for cell, key in zip(cells, keys[1:], strict=True):
+      layers.append(cell.init(key, h_t))
+      h_t = jnp.zeros((batch, config.hidden), jnp.float32)
     params = LMParams(
-      embedding=jnp.zeros((config.vocab_size, config.hidden), jnp.float32),
-      layers=tuple(cell.init(key, h_t) for cell, key in zip(cells, keys[1:], strict=True)),
+      embedding=jnp.zeros((config.vocab_size, config.embedding_dim), jnp.float32),
+      layers=tuple(layers),
       softmax=None
       if config.tie_embeddings
       else jnp.zeros((config.vocab_size, config.hidden), jnp.float32),
@@ -144,6 +153,7 @@ def language_model(config: LMConfig) -> Cell:
   def initial_carry(x_t: Any) -> tuple:
     w_t, _ = x_t
     h_t = jax.ShapeDtypeStruct((jnp.shape(w_t)[0], config.hidden), jnp.float32)
+    # Every cell here sizes its carry by its own state size, not by its input.
     return tuple(cell.initial_carry(h_t) for cell in cells)
 
   def apply(params: LMParams, carry: tuple, x_t: Any) -> tuple[tuple, jax.Array]:
@@ -152,14 +162,15 @@ def language_model(config: LMConfig) -> Cell:
     if rng_t is not None and config.dropout > 0:
       # One draw per stream for all dropout sites of the step (cheaper than one per site).
       keys = jax.vmap(jax.random.wrap_key_data)(rng_t)
-      uniforms = jax.vmap(jax.random.uniform, (0, None))(keys, (config.layers + 1, config.hidden))
+      width = max(config.hidden, config.embedding_dim)
+      uniforms = jax.vmap(jax.random.uniform, (0, None))(keys, (config.layers + 1, width))
 
     def drop(h: jax.Array, site: int) -> jax.Array:
       # Inverted dropout, an independent mask per stream: scaled up in
       # training, so evaluation (no masks) needs no correction.
       if uniforms is None:
         return h
-      return jnp.where(uniforms[:, site] < keep, h / keep, 0.0)
+      return jnp.where(uniforms[:, site, : h.shape[1]] < keep, h / keep, 0.0)
 
     h = drop(params.embedding[w_t], 0)
     new_carry = []
@@ -202,6 +213,13 @@ def check_config(where: str, config: Any) -> LMConfig:
     raise ValueError(f"{where}: config.dropout must be in [0, 1), got {config.dropout!r}")
   if not config.init_scale > 0:
     raise ValueError(f"{where}: config.init_scale must be > 0, got {config.init_scale!r}")
+  if config.embedding_size is not None:
+    _checks.positive_int(where, "config.embedding_size", config.embedding_size)
+    if config.tie_embeddings and config.embedding_size != config.hidden:
+      raise ValueError(
+        f"{where}: tied embeddings need config.embedding_size == config.hidden "
+        f"({config.hidden}), got {config.embedding_size}"
+      )
   return config
 
 

@@ -2,6 +2,7 @@
 
 import functools
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -247,6 +248,38 @@ def test_bad_hidden_size_raises(factory, hidden_size):
 def test_flax_cell_rejects_a_non_recurrent_module():
   with pytest.raises(ValueError, match="module must be a flax.linen recurrent cell"):
     tbptt_jax.flax_cell(nn.Dense(3))
+
+
+def test_with_head_is_the_stack_with_its_readout_moved_after_the_scan():
+  recurrent = tbptt_jax.stack(tbptt_jax.feedforward(nn.Embed(9, 3)), tbptt_jax.elman(4))
+  fast = tbptt_jax.with_head(recurrent, nn.Dense(5))
+  plain = tbptt_jax.stack(recurrent, tbptt_jax.feedforward(nn.Dense(5)))
+  x_t = jnp.array([1, 8])
+  params = fast.init(jax.random.key(0), x_t)
+  # The same parameters: (recurrent part, readout).
+  assert jax.tree.structure(params) == jax.tree.structure(plain.init(jax.random.key(0), x_t))
+  carry = fast.initial_carry(x_t)
+  new_carry, h_t = fast.apply(params, carry, x_t)
+  assert h_t.shape == (2, 4)  # the head is not in the step
+  want_carry, want_logits = plain.apply(params, carry, x_t)
+  np.testing.assert_allclose(fast.head(params, h_t), want_logits, rtol=1e-6)
+  chex.assert_trees_all_close(new_carry, want_carry)
+  assert plain.head is None
+
+
+def test_a_head_inside_a_stack_is_applied_in_the_step():
+  """Only the last layer's head moves after the scan; an inner one stays in the step."""
+  inner = tbptt_jax.with_head(tbptt_jax.elman(4), nn.Dense(3))
+  model = tbptt_jax.stack(inner, tbptt_jax.elman(2))
+  x_t = jnp.ones((2, 5))
+  params = model.init(jax.random.key(0), x_t)
+  assert params[1].U.shape == (3, 2)  # sized by the inner head's output
+  carry = model.initial_carry(x_t)
+  _, y_t = model.apply(params, carry, x_t)
+  _, h_t = inner.apply(params[0], carry[0], x_t)
+  _, want = tbptt_jax.elman_step(params[1], carry[1], inner.head(params[0], h_t))
+  np.testing.assert_allclose(y_t, want, rtol=1e-6)
+  assert model.head is None
 
 
 def test_stack_rejects_no_cells_and_non_cells():

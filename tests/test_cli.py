@@ -114,7 +114,14 @@ def test_json_summary_and_outputs(tmp_path, capsys):
 @pytest.mark.parametrize(
   "argv,message",
   [
-    ([], "a command is required: train"),
+    ([], "a command is required: train or eval"),
+    (["train", "--task", "lm"], "--task lm needs --data DIR"),
+    (["train", "--epochs", "2"], "--epochs applies to --task lm, got --task r2rt"),
+    (["train", "--task", "lm", "--data", "x", "--steps", "5"], "--steps applies to --task r2rt"),
+    (["train", "--task", "lm", "--data", "/nonexistent"], "read_corpus: "),
+    (["train", "--dropout", "1.5"], "argument --dropout: expected a number in [0, 1), got '1.5'"),
+    (["eval", "--data", "x"], "the following arguments are required: --checkpoint"),
+    (["eval", "--data", "x", "--checkpoint", "/nonexistent"], "cannot read model file"),
     (["train", "--k1", "0"], "argument --k1: expected a positive int, got '0'"),
     (["train", "--lr", "abc"], "argument --lr: expected a positive float, got 'abc'"),
     (["train", "--k1", "5", "--k2", "3"], "window style needs k2 >= k1"),
@@ -140,3 +147,75 @@ def test_out_must_be_a_folder(tmp_path, capsys):
   assert (
     stderr == f"tbptt-jax: error: --out must be a folder, got the existing file {str(taken)!r}\n"
   )
+
+
+LM_SUMMARY_KEYS = SUMMARY_KEYS | {"valid_ppl", "test_ppl", "epochs"}
+
+
+def test_language_model_train_then_eval(shared_data, tmp_path, capsys):
+  """`train --task lm` on a PTB subset writes a model file that `eval` scores identically."""
+  out = tmp_path / "lm"
+  argv = ["train", "--task", "lm", "--data", str(shared_data / "ptb"), "--train-tokens", "3000"]
+  argv += ["--epochs", "2", "--hidden", "8", "--layers", "1", "--k1", "10", "--batch-size", "4"]
+  argv += ["--updates-per-call", "30", "--dropout", "0.1", "--out", str(out), "--json"]
+  status, stdout, stderr = run(argv, capsys)
+  assert status == 0, stderr
+  summary = json.loads(stdout.strip().splitlines()[-1])
+  assert LM_SUMMARY_KEYS <= summary.keys()
+  assert (summary["task"], summary["vocab_size"], summary["epochs"]) == ("lm", 10_000, 2)
+  assert summary["tokens"] == 2 * 4 * (3000 // 4 - 1)
+  # 749 steps per stream: 75 updates per epoch, the last of 9 steps.
+  assert summary["steps"] == 2 * 75
+  assert 1 < summary["test_ppl"] < 10_000 and 1 < summary["valid_ppl"] < 10_000
+  lines = (out / "metrics.jsonl").read_text().splitlines()
+  records = [json.loads(line) for line in lines]
+  assert [r["epoch"] for r in records] == [1, 2]
+  assert min(r["valid_ppl"] for r in records) == pytest.approx(summary["valid_ppl"], rel=1e-4)
+  assert json.loads((out / "summary.json").read_text()) == summary
+  assert not [p for p in os.listdir(out) if p.endswith(".tmp")]
+
+  status, stdout, stderr = run(
+    ["eval", "--data", str(shared_data / "ptb"), "--checkpoint", str(out), "--json"], capsys
+  )
+  assert status == 0, stderr
+  result = json.loads(stdout.strip().splitlines()[-1])
+  assert (result["split"], result["tokens"]) == ("test", 10 * (82_430 // 10 - 1))
+  assert result["ppl"] == pytest.approx(summary["test_ppl"], rel=1e-4)
+
+
+def test_character_level_run_reports_bits_per_character(shared_data, capsys):
+  argv = [
+    "train",
+    "--task",
+    "lm",
+    "--level",
+    "char",
+    "--data",
+    str(shared_data / "tinyshakespeare"),
+  ]
+  argv += ["--train-tokens", "2000", "--epochs", "1", "--hidden", "8", "--layers", "1"]
+  argv += ["--batch-size", "4", "--k1", "10", "--eval-batch-size", "50", "--json"]
+  status, stdout, stderr = run(argv, capsys)
+  assert status == 0, stderr
+  summary = json.loads(stdout.strip().splitlines()[-1])
+  assert (summary["level"], summary["vocab_size"]) == ("char", 65)
+  assert 0 < summary["test_bits_per_token"] < np.log2(65) + 1
+  assert summary["reference"] is None  # Zaremba's perplexities are for PTB words
+
+
+def test_eval_rejects_a_model_of_another_vocabulary(shared_data, tmp_path, capsys):
+  from tbptt_jax import lm
+
+  path = tmp_path / "model.msgpack"
+  config = lm.LMConfig(vocab_size=3, hidden=2, layers=1)
+  params = lm.language_model(config).init(
+    jax.random.key(0), (jax.numpy.zeros((1,), jax.numpy.int32), None)
+  )
+  lm.save_model(
+    str(path), config, params, {"vocabulary": {"tokens": ["a", "b"], "level": "word", "unk": None}}
+  )
+  status, _, stderr = run(
+    ["eval", "--data", str(shared_data / "ptb"), "--checkpoint", str(path)], capsys
+  )
+  assert status == 2
+  assert "vocabulary of 2 tokens does not match the model's 3" in stderr

@@ -11,7 +11,7 @@ import optax
 import pytest
 
 import tbptt_jax
-from tbptt_jax import synthetic
+from tbptt_jax import lm, synthetic
 
 BATCH, IN, CLASSES = 3, 2, 3
 loss_fn = optax.softmax_cross_entropy_with_integer_labels
@@ -243,6 +243,62 @@ def test_resets_match_tbptt_gradients():
       state.opt_state, jax.tree.map(lambda g, i=i: g[i], want), rtol=1e-5, atol=1e-7
     )
   chex.assert_trees_all_close(state.carry, want_carry, rtol=1e-6, atol=1e-7)
+
+
+def test_step_rngs_are_replayed_by_windows_that_reach_back():
+  """With dropout, a window re-running earlier steps uses the masks those steps had.
+
+  The keys the trainer drew are read back from the lookback; the recorded
+  gradients must equal `tbptt_gradients` on the inputs paired with those keys.
+  """
+  k1, k2 = 2, 5
+  model = lm.language_model(lm.LMConfig(vocab_size=7, hidden=4, layers=1, dropout=0.5))
+  trainer = tbptt_jax.tbptt_trainer(
+    model, lm.cross_entropy, record_gradients(), k1=k1, k2=k2, step_rngs=True
+  )
+  w = np.random.default_rng(7).integers(0, 7, (BATCH, 7)).astype(np.int32)
+  x, y = w[:, :-1], w[:, 1:]
+  state = trainer.init(jax.random.key(7), x[:, :k1])
+  params, carry = jax.tree.map(jnp.copy, (state.params, state.carry))  # `update` donates state
+  # A first call of k2 - 1 steps: afterwards the lookback holds exactly its keys.
+  state, _ = trainer.update(state, x[:, :4], y[:, :4])
+  first_keys = np.swapaxes(np.asarray(state.lookback.inputs[1]), 0, 1)  # [batch, 4, 2]
+  np.testing.assert_array_equal(np.swapaxes(np.asarray(state.lookback.inputs[0]), 0, 1), x[:, :4])
+  # A second call whose window reaches 3 steps back into the first call.
+  state, _ = trainer.update(state, x[:, 4:6], y[:, 4:6])
+  second_keys = np.swapaxes(np.asarray(state.lookback.inputs[1]), 0, 1)[:, -2:]
+  keys = np.concatenate([first_keys, second_keys], axis=1)
+  assert len({tuple(k) for k in keys.reshape(-1, keys.shape[-1])}) == BATCH * 6  # all distinct
+  reference = functools.partial(
+    tbptt_jax.tbptt_gradients, model.apply, lm.cross_entropy, k1=k1, k2=k2, head_fn=model.head
+  )
+  want, _ = jax.jit(reference)(params, carry, (x[:, :6], keys), y[:, :6])
+  chex.assert_trees_all_close(
+    state.opt_state, jax.tree.map(lambda g: g[2], want), rtol=1e-5, atol=1e-7
+  )
+  # Without the same keys the gradient differs: the masks matter.
+  other, _ = jax.jit(reference)(params, carry, (x[:, :6], keys[:, ::-1]), y[:, :6])
+  assert not np.allclose(
+    jax.tree.leaves(other)[0][2], jax.tree.leaves(state.opt_state)[0], rtol=1e-3
+  )
+
+
+def test_step_rngs_are_reproducible_from_the_seed():
+  model = lm.language_model(lm.LMConfig(vocab_size=7, hidden=4, layers=1, dropout=0.5))
+  trainer = tbptt_jax.tbptt_trainer(model, lm.cross_entropy, optax.sgd(0.1), k1=2, step_rngs=True)
+  w = np.random.default_rng(8).integers(0, 7, (BATCH, 5)).astype(np.int32)
+
+  def run(seed):
+    state = trainer.init(jax.random.key(seed), w[:, :2])
+    state, metrics = trainer.update(state, w[:, :-1], w[:, 1:])
+    return state, metrics.loss
+
+  state_a, loss_a = run(0)
+  state_b, loss_b = run(0)
+  chex.assert_trees_all_equal(state_a.params, state_b.params)
+  np.testing.assert_array_equal(loss_a, loss_b)
+  _, loss_c = run(1)
+  assert not np.array_equal(loss_a, loss_c)
 
 
 def r2rt_final_loss(k, updates=3000, seed=0):

@@ -129,6 +129,30 @@ def test_full_bptt_is_the_gradient_of_the_whole_sequence(problem):
     np.testing.assert_allclose(grads[name][0], want[name], rtol=1e-10, atol=1e-13)
 
 
+def state_step(params, s_tm1, x_t):
+  """The oracle's recurrence without its readout: state -> state."""
+  elman = tbptt_jax.ElmanParams(params["U"], params["W"], params["b"])
+  return tbptt_jax.elman_step(elman, s_tm1, x_t)
+
+
+def readout(params, s_t):
+  return s_t @ params["V"] + params["c"]
+
+
+@pytest.mark.parametrize("style,k1,k2", [("window", 2, 5), ("per_loss", 3, 2)])
+def test_head_after_the_scan_equals_the_readout_inside_the_step(problem, style, k1, k2):
+  """A `head_fn` applied to all steps at once is the same model as a readout in each step."""
+  grads, carry = library_gradients(problem, k1, k2, style)
+  fn = functools.partial(
+    tbptt_jax.tbptt_gradients, state_step, loss_fn, k1=k1, k2=k2, style=style, head_fn=readout
+  )
+  with jax.enable_x64(True):
+    got, got_carry = jax.jit(fn)(problem["params"], problem["s0"], problem["x"], problem["y"])
+  for name in numpy_oracle.NAMES:
+    np.testing.assert_allclose(got[name], grads[name], rtol=1e-12, atol=1e-15, err_msg=name)
+  np.testing.assert_array_equal(got_carry, carry)
+
+
 def test_k2_beyond_the_sequence_is_full_backpropagation(problem):
   """No window reaches behind step 1: any k2 >= T gives the k2 = T gradients."""
   for style in ("window", "per_loss"):
