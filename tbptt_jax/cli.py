@@ -128,6 +128,12 @@ def _parser() -> argparse.ArgumentParser:
     "--preset", choices=sorted(lm.PRESETS), default="small", help="Zaremba et al. settings"
   )
   lm_flags.add_argument("--epochs", type=pos_int, help="passes over the training text")
+  lm_flags.add_argument(
+    "--decay-after", type=pos_int, help="epochs at the full learning rate (preset's)"
+  )
+  lm_flags.add_argument(
+    "--lr-decay", type=pos_float, help="learning-rate factor per epoch after that (preset's)"
+  )
   lm_flags.add_argument("--dropout", type=_probability, help="dropout on non-recurrent links")
   lm_flags.add_argument("--init-scale", type=pos_float, help="uniform initialisation range")
   lm_flags.add_argument("--tie", action="store_true", help="tie softmax and embedding weights")
@@ -191,6 +197,8 @@ def _train(args: argparse.Namespace) -> int:
     ("--dropout", "dropout"),
     ("--init-scale", "init_scale"),
     ("--train-tokens", "train_tokens"),
+    ("--decay-after", "decay_after"),
+    ("--lr-decay", "lr_decay"),
   ):
     if getattr(args, name) is not None:
       raise ValueError(f"{flag} applies to --task lm, got --task {args.task}")
@@ -289,6 +297,10 @@ def _train_lm(args: argparse.Namespace) -> int:
   if args.steps is not None:
     raise ValueError("--steps applies to --task r2rt; --task lm trains for --epochs")
   preset = lm.PRESETS[args.preset]
+  preset = preset._replace(
+    decay_after=pick(args.decay_after, preset.decay_after),
+    lr_decay=pick(args.lr_decay, preset.lr_decay),
+  )
   k1 = pick(args.k1, preset.k)
   k2 = pick(args.k2, k1)
   batch_size = pick(args.batch_size, preset.batch_size)
@@ -421,7 +433,9 @@ def _train_lm(args: argparse.Namespace) -> int:
     "k2": k2,
     "style": args.style,
     "optimizer": optimizer_name,
-    "lr": float(schedule(0)),
+    "lr": round(float(schedule(0)), 8),
+    "decay_after": preset.decay_after,
+    "lr_decay": preset.lr_decay,
     "clip": clip,
     "seed": args.seed,
     "epochs": epochs,
@@ -487,7 +501,10 @@ def _eval(args: argparse.Namespace) -> int:
   saved = extra.get("vocabulary") if isinstance(extra, dict) else None
   if not saved:
     raise ValueError(f"--checkpoint {path!r} holds no vocabulary")
-  vocab = Vocabulary(tuple(saved["tokens"]), saved["level"], saved["unk"])
+  try:
+    vocab = Vocabulary(tuple(saved["tokens"]), saved["level"], saved["unk"])
+  except (KeyError, TypeError) as e:
+    raise ValueError(f"--checkpoint {path!r} holds a malformed vocabulary: {e!r}") from None
   if len(vocab) != config.vocab_size:
     raise ValueError(
       f"--checkpoint {path!r}: vocabulary of {len(vocab)} tokens does not match the model's "
