@@ -328,7 +328,7 @@ def _train_lm(args: argparse.Namespace) -> int:
   )
   model = lm.language_model(config)
   # Each epoch: ceil((L - 1) / k1) updates, the last one shorter when k1 does not divide L - 1.
-  updates_per_epoch = -(-(streams.shape[1] - 1) // k1)
+  updates_per_epoch = lm.updates_per_epoch(streams, k1)
   schedule = lm.lr_schedule(preset, updates_per_epoch, args.lr)
   trainer = tbptt_trainer(
     model,
@@ -388,7 +388,7 @@ def _train_lm(args: argparse.Namespace) -> int:
         "epoch": epoch,
         "lr": lr,
         # Updates are means over equal blocks but the last: weight by steps.
-        "train_loss": _token_mean(epoch_losses, streams.shape[1] - 1, k1),
+        "train_loss": lm.epoch_loss(epoch_losses, streams.shape[1] - 1, k1),
         "valid_loss": valid.loss,
         "valid_ppl": valid.perplexity,
         "train_seconds": round(train_seconds, 3),
@@ -398,7 +398,8 @@ def _train_lm(args: argparse.Namespace) -> int:
       record["train_ppl"] = math.exp(record["train_loss"])
       history.append(record)
       if best is None or valid.loss < best[0]:
-        best = (valid.loss, epoch, jax.tree.map(np.asarray, state.params))
+        # A host copy: the next update donates the state's buffers.
+        best = (valid.loss, epoch, jax.tree.map(np.array, state.params))
       bar.write(
         f"epoch {epoch:3d}  lr {lr:.4g}  train ppl {record['train_ppl']:8.2f}  "
         f"valid ppl {valid.perplexity:8.2f}  {record['tokens_per_s']:,.0f} tokens/s",
@@ -452,8 +453,9 @@ def _train_lm(args: argparse.Namespace) -> int:
     "test_ppl": round(test.perplexity, 3),
     "test_bits_per_token": round(test.bits_per_token, 4),
     "eval_batch_size": args.eval_batch_size,
+    # Zaremba et al.'s perplexities are for PTB words only.
     "reference": {"valid_ppl": preset.valid_ppl, "test_ppl": preset.test_ppl}
-    if args.level == "word"
+    if args.level == "word" and os.path.isfile(os.path.join(args.data, "ptb.train.txt"))
     else None,
     "backend": jax.default_backend(),
   }
@@ -476,13 +478,6 @@ def _train_lm(args: argparse.Namespace) -> int:
 def pick(value: Any, default: Any) -> Any:
   """A flag's value, or the preset's where the flag was not given."""
   return default if value is None else value
-
-
-def _token_mean(update_losses: np.ndarray, steps: int, k1: int) -> float:
-  """The mean per-token loss of an epoch from its per-update (per-block) means."""
-  sizes = np.full(len(update_losses), k1)
-  sizes[-1] = steps - k1 * (len(update_losses) - 1)
-  return float(np.sum(update_losses * sizes) / steps)
 
 
 def _check_eval_split(tokens: np.ndarray, batch_size: int, split: str) -> None:

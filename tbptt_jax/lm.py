@@ -240,6 +240,34 @@ def lr_schedule(preset: Preset, updates_per_epoch: int, lr: float | None = None)
   return schedule
 
 
+def updates_per_epoch(streams: Any, k1: int) -> int:
+  """Updates in one pass over language-model streams `[batch, L]`: ceil((L - 1) / k1).
+
+  L - 1 steps (the last token is only a target), in blocks of k1, the last one
+  shorter when k1 does not divide L - 1 (`iterate_chunks` with chunks that
+  are multiples of k1).
+  """
+  k1 = _checks.positive_int("updates_per_epoch", "k1", k1)
+  return -(-(np.shape(streams)[1] - 1) // k1)
+
+
+def epoch_loss(update_losses: Any, steps: int, k1: int) -> float:
+  """The mean loss per token of an epoch from its updates' block means.
+
+  Every update's loss is the mean over its block; all blocks are k1 steps
+  but the last, which is the rest of the `steps`, so the blocks are weighted
+  by their lengths.
+  """
+  update_losses = np.asarray(update_losses, np.float64)
+  sizes = np.full(len(update_losses), k1)
+  sizes[-1] = steps - k1 * (len(update_losses) - 1)
+  if sizes[-1] < 1 or sizes[-1] > k1:
+    raise ValueError(
+      f"epoch_loss: {len(update_losses)} updates of k1 = {k1} steps cannot cover {steps} steps"
+    )
+  return float(np.sum(update_losses * sizes) / steps)
+
+
 def zaremba_sgd(
   k: int,
   learning_rate: float | optax.Schedule,

@@ -167,6 +167,7 @@ def test_language_model_train_then_eval(shared_data, tmp_path, capsys):
   # 749 steps per stream: 75 updates per epoch, the last of 9 steps.
   assert summary["steps"] == 2 * 75
   assert 1 < summary["test_ppl"] < 10_000 and 1 < summary["valid_ppl"] < 10_000
+  assert summary["reference"] == {"valid_ppl": 120.7, "test_ppl": 114.5}  # PTB: Zaremba's
   lines = (out / "metrics.jsonl").read_text().splitlines()
   records = [json.loads(line) for line in lines]
   assert [r["epoch"] for r in records] == [1, 2]
@@ -200,7 +201,7 @@ def test_character_level_run_reports_bits_per_character(shared_data, capsys):
   summary = json.loads(stdout.strip().splitlines()[-1])
   assert (summary["level"], summary["vocab_size"]) == ("char", 65)
   assert 0 < summary["test_bits_per_token"] < np.log2(65) + 1
-  assert summary["reference"] is None  # Zaremba's perplexities are for PTB words
+  assert summary["reference"] is None  # Zaremba's perplexities are for PTB words only
 
 
 def test_eval_rejects_a_model_of_another_vocabulary(shared_data, tmp_path, capsys):

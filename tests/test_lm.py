@@ -131,6 +131,16 @@ def test_lr_schedule_follows_zaremba():
   assert float(lm.lr_schedule(lm.PRESETS["small"], 10, lr=0.3)(0)) == pytest.approx(0.3)
 
 
+def test_epoch_bookkeeping():
+  streams = np.zeros((4, 46), np.int32)  # 45 steps per stream
+  assert lm.updates_per_epoch(streams, 20) == 3  # 20 + 20 + 5
+  assert lm.updates_per_epoch(streams, 45) == 1
+  # Blocks of 20, 20 and 5 steps: the last block's mean weighs 5 / 45.
+  np.testing.assert_allclose(lm.epoch_loss([1.0, 2.0, 4.0], 45, 20), (20 + 40 + 20) / 45)
+  with pytest.raises(ValueError, match="cannot cover 70 steps"):
+    lm.epoch_loss([1.0, 2.0, 4.0], 70, 20)
+
+
 def test_presets_match_zaremba_table_1():
   small, medium, large = (lm.PRESETS[name] for name in ("small", "medium", "large"))
   assert (small.hidden, small.k, small.epochs, small.max_grad_norm, small.dropout) == (

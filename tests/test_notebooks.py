@@ -54,3 +54,27 @@ def test_language_model_runs_and_writes_its_figure(tmp_path, monkeypatch, shared
   png = tmp_path / "lm_perplexity.png"
   assert png.is_file(), "the notebook did not write lm_perplexity.png"
   assert png.stat().st_size > 0, "lm_perplexity.png is empty"
+
+
+def test_truncation_styles_runs_and_writes_its_figures(tmp_path, monkeypatch, shared_data):
+  # The kernel inherits this process's environment.
+  monkeypatch.setenv("TBPTT_JAX_SMOKE", "1")
+  monkeypatch.setenv("TBPTT_JAX_NOTEBOOK_OUT", str(tmp_path))
+  monkeypatch.setenv("TBPTT_JAX_DATA", str(shared_data))
+  nb = nbformat.read(NOTEBOOKS / "truncation_styles.ipynb", as_version=4)
+  # As in the quickstart test: the kernel must run the interpreter that runs the tests.
+  nb.cells.append(nbformat.v4.new_code_cell("import sys\nprint(sys.prefix)"))
+  client = NotebookClient(
+    nb,
+    kernel_name="python3",
+    timeout=600,
+    resources={"metadata": {"path": str(NOTEBOOKS)}},
+  )
+  client.execute()  # raises CellExecutionError if any cell fails
+
+  outputs = nb.cells[-1].outputs
+  assert [o.get("text", "").strip() for o in outputs] == [sys.prefix]
+  for name in ("styles_diagram.png", "synthetic_styles.png"):
+    png = tmp_path / name
+    assert png.is_file(), f"the notebook did not write {name}"
+    assert png.stat().st_size > 0, f"{name} is empty"
