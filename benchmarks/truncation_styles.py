@@ -39,7 +39,7 @@ import numpy as np
 import optax
 
 import tbptt_jax as tj
-from tbptt_jax import data, lm
+from tbptt_jax import data, lm, synthetic
 
 # r2rt's table: minimum validation loss, (n, style) -> {lr: loss}.
 R2RT = {
@@ -119,6 +119,56 @@ def time_styles(corpus, n, repeats, lr=0.001):
   }
 
 
+def time_r2rt_setting(repeats, n=20, batch=200, state=4, updates_per_call=50):
+  """r2rt's timing setting on its synthetic task: seconds per gradient evaluation.
+
+  r2rt timed a 4-unit tanh RNN, batch 200, n = 20, an unroll of num_steps = 40
+  steps per gradient evaluation for "true" truncation against TF style. Their
+  true style unrolled 2n = 40 steps and scored the last n, each loss reaching
+  at least n steps back: TBPTT(n, 2n) in window style, whose ideal cost is
+  k2 / k1 = 2 times TF style's TBPTT(n, n) per update. The exact per-loss
+  truncation (every loss exactly n steps), per_loss(n, n), is timed too.
+  Each configuration makes one update per n new steps.
+  """
+  xs, ys = synthetic.streams(0, batch, n * updates_per_call)
+  configs = {
+    "TF window(20, 20)": (n, n, "window"),
+    "true window(20, 40)": (n, 2 * n, "window"),
+    "exact per_loss(20, 20)": (n, n, "per_loss"),
+  }
+  runs = {}
+  for name, (k1, k2, style) in configs.items():
+    trainer = tj.tbptt_trainer(
+      synthetic.model(tj.elman(state)),
+      optax.softmax_cross_entropy_with_integer_labels,
+      optax.adam(0.01),
+      k1=k1,
+      k2=k2,
+      style=style,
+    )
+    state_ = trainer.init(jax.random.key(0), xs[:, :k1])
+    state_, metrics = trainer.update(state_, xs, ys)  # compile and warm up
+    jax.block_until_ready(metrics)
+    runs[name] = [trainer, state_, []]
+  for _ in range(repeats):
+    for run in runs.values():
+      trainer, state_, times = run
+      start = time.perf_counter()
+      state_, metrics = trainer.update(state_, xs, ys)
+      jax.block_until_ready(metrics)
+      times.append(time.perf_counter() - start)
+      run[1] = state_
+  per_update = {name: float(np.median(t)) / updates_per_call for name, (_, _, t) in runs.items()}
+  base = per_update["TF window(20, 20)"]
+  return {
+    name: {
+      "seconds_per_gradient_evaluation": per_update[name],
+      "ratio_to_TF": per_update[name] / base,
+    }
+    for name in configs
+  }
+
+
 def markdown(results, lrs, ns):
   header = "| n | style | " + " | ".join(f"lr {lr:g}: ours / r2rt" for lr in lrs) + " |"
   lines = [header, "|---|---|" + "---|" * len(lrs)]
@@ -149,6 +199,9 @@ def main(argv=None):
   parser.add_argument("--train-tokens", type=int, help="train on the first N tokens only")
   parser.add_argument("--timing-repeats", type=int, default=7)
   parser.add_argument(
+    "--timing-only", action="store_true", help="skip training; measure the styles' time only"
+  )
+  parser.add_argument(
     "--data",
     default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "ptb"),
     help="the PTB folder",
@@ -170,7 +223,7 @@ def main(argv=None):
     flush=True,
   )
   results = {}
-  for n in budget["n"]:
+  for n in [] if args.timing_only else budget["n"]:
     for style in args.styles:
       for lr in budget["lr"]:
         start = time.perf_counter()
@@ -199,6 +252,14 @@ def main(argv=None):
   print(f"time per training token at n = {timing_n}, batch {BATCH}, ratio to TF style:")
   for name, t in timing.items():
     print(f"  {name:8s} {t['ratio_to_TF']:.2f}x  ({t['seconds_per_token'] * 1e6:.2f} us/token)")
+  r2rt_timing = time_r2rt_setting(args.timing_repeats)
+  print(
+    "r2rt's timing setting (synthetic task, batch 200, state 4, n = 20, a 40-step unroll for "
+    f"true style; r2rt: true {R2RT_TIME_RATIO:.2f}x TF per gradient evaluation):"
+  )
+  for name, t in r2rt_timing.items():
+    seconds, ratio = t["seconds_per_gradient_evaluation"], t["ratio_to_TF"]
+    print(f"  {name:22s} {ratio:.2f}x  ({seconds * 1e3:.3f} ms per evaluation)")
   summary = {
     "benchmark": "truncation_styles",
     "date": datetime.date.today().isoformat(),
@@ -207,6 +268,7 @@ def main(argv=None):
     "settings": {**budget, "batch": BATCH, **CONFIG, "optimizer": "adam"},
     "results": results,
     "timing": {"n": timing_n, "batch": BATCH, "styles": timing},
+    "timing_r2rt_setting": r2rt_timing,
     "r2rt_time_ratio_true_vs_tf": R2RT_TIME_RATIO,
     "machine": common.machine(),
     "load_average": common.load_average(),
