@@ -92,34 +92,45 @@ def train(corpus, train_tokens, n, style_name, lr, epochs, seed=0):
   return losses
 
 
-def time_styles(corpus, n, repeats, lr=0.001):
-  """Seconds per training token of each style, alternating their jitted updates."""
-  streams = tj.batchify(corpus.train, BATCH)
-  inputs, targets = streams[:, :STEPS_PER_CALL], streams[:, 1 : STEPS_PER_CALL + 1]
+def median_call_seconds(trainers, inputs, targets, repeats):
+  """Median seconds of each trainer's `update` on the same chunk, the trainers alternating.
+
+  Alternating makes every trainer see the same machine load; a first call
+  compiles and warms up and is not timed.
+  """
   runs = {}
-  for name, make in STYLES.items():
-    _, trainer = make_trainer(len(corpus.vocab), *make(n), lr)
+  for name, trainer in trainers.items():
     state = trainer.init(jax.random.key(0), inputs)
-    state, metrics = trainer.update(state, inputs, targets)  # compile and warm up
+    state, metrics = trainer.update(state, inputs, targets)
     jax.block_until_ready(metrics)
-    runs[name] = [trainer, state, []]
+    runs[name] = [state, []]
   for _ in range(repeats):
-    for run in runs.values():
-      trainer, state, times = run
+    for name, trainer in trainers.items():
+      state, times = runs[name]
       start = time.perf_counter()
       state, metrics = trainer.update(state, inputs, targets)
       jax.block_until_ready(metrics)
       times.append(time.perf_counter() - start)
-      run[1] = state
-  tokens = inputs.size
-  per_token = {name: float(np.median(times)) / tokens for name, (_, _, times) in runs.items()}
+      runs[name][0] = state
+  return {name: float(np.median(times)) for name, (_, times) in runs.items()}
+
+
+def time_styles(corpus, n, repeats, lr=0.001):
+  """Seconds per training token of each style on the PTB model."""
+  streams = tj.batchify(corpus.train, BATCH)
+  inputs, targets = streams[:, :STEPS_PER_CALL], streams[:, 1 : STEPS_PER_CALL + 1]
+  trainers = {
+    name: make_trainer(len(corpus.vocab), *make(n), lr)[1] for name, make in STYLES.items()
+  }
+  seconds = median_call_seconds(trainers, inputs, targets, repeats)
+  per_token = {name: s / inputs.size for name, s in seconds.items()}
   return {
     name: {"seconds_per_token": s, "ratio_to_TF": s / per_token["TF"]}
     for name, s in per_token.items()
   }
 
 
-def time_r2rt_setting(repeats, n=20, batch=200, state=4, updates_per_call=50):
+def time_r2rt_setting(repeats, n=20, batch=200, hidden=4, updates_per_call=50):
   """r2rt's timing setting on its synthetic task: seconds per gradient evaluation.
 
   r2rt timed a 4-unit tanh RNN, batch 200, n = 20, an unroll of num_steps = 40
@@ -136,29 +147,19 @@ def time_r2rt_setting(repeats, n=20, batch=200, state=4, updates_per_call=50):
     "true window(20, 40)": (n, 2 * n, "window"),
     "exact per_loss(20, 20)": (n, n, "per_loss"),
   }
-  runs = {}
-  for name, (k1, k2, style) in configs.items():
-    trainer = tj.tbptt_trainer(
-      synthetic.model(tj.elman(state)),
+  trainers = {
+    name: tj.tbptt_trainer(
+      synthetic.model(tj.elman(hidden)),
       optax.softmax_cross_entropy_with_integer_labels,
       optax.adam(0.01),
       k1=k1,
       k2=k2,
       style=style,
     )
-    state_ = trainer.init(jax.random.key(0), xs[:, :k1])
-    state_, metrics = trainer.update(state_, xs, ys)  # compile and warm up
-    jax.block_until_ready(metrics)
-    runs[name] = [trainer, state_, []]
-  for _ in range(repeats):
-    for run in runs.values():
-      trainer, state_, times = run
-      start = time.perf_counter()
-      state_, metrics = trainer.update(state_, xs, ys)
-      jax.block_until_ready(metrics)
-      times.append(time.perf_counter() - start)
-      run[1] = state_
-  per_update = {name: float(np.median(t)) / updates_per_call for name, (_, _, t) in runs.items()}
+    for name, (k1, k2, style) in configs.items()
+  }
+  seconds = median_call_seconds(trainers, xs, ys, repeats)
+  per_update = {name: s / updates_per_call for name, s in seconds.items()}
   base = per_update["TF window(20, 20)"]
   return {
     name: {
