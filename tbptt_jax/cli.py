@@ -298,15 +298,15 @@ def _train_lm(args: argparse.Namespace) -> int:
     raise ValueError("--steps applies to --task r2rt; --task lm trains for --epochs")
   preset = lm.PRESETS[args.preset]
   preset = preset._replace(
-    decay_after=pick(args.decay_after, preset.decay_after),
-    lr_decay=pick(args.lr_decay, preset.lr_decay),
+    decay_after=_pick(args.decay_after, preset.decay_after),
+    lr_decay=_pick(args.lr_decay, preset.lr_decay),
   )
-  k1 = pick(args.k1, preset.k)
-  k2 = pick(args.k2, k1)
-  batch_size = pick(args.batch_size, preset.batch_size)
-  epochs = pick(args.epochs, preset.epochs)
-  optimizer_name = pick(args.optimizer, "sgd")
-  clip = pick(args.clip, preset.max_grad_norm)
+  k1 = _pick(args.k1, preset.k)
+  k2 = _pick(args.k2, k1)
+  batch_size = _pick(args.batch_size, preset.batch_size)
+  epochs = _pick(args.epochs, preset.epochs)
+  optimizer_name = _pick(args.optimizer, "sgd")
+  clip = _pick(args.clip, preset.max_grad_norm)
   out = _prepare_out(args.out)
 
   corpus = read_corpus(args.data, args.level)
@@ -319,12 +319,12 @@ def _train_lm(args: argparse.Namespace) -> int:
   streams = batchify(train_tokens, batch_size)
   config = lm.LMConfig(
     vocab_size=len(corpus.vocab),
-    hidden=pick(args.hidden, preset.hidden),
-    layers=pick(args.layers, preset.layers),
-    cell=pick(args.cell, LM_CELL),
-    dropout=pick(args.dropout, preset.dropout),
+    hidden=_pick(args.hidden, preset.hidden),
+    layers=_pick(args.layers, preset.layers),
+    cell=_pick(args.cell, LM_CELL),
+    dropout=_pick(args.dropout, preset.dropout),
     tie_embeddings=args.tie,
-    init_scale=pick(args.init_scale, preset.init_scale),
+    init_scale=_pick(args.init_scale, preset.init_scale),
   )
   model = lm.language_model(config)
   # Each epoch: ceil((L - 1) / k1) updates, the last one shorter when k1 does not divide L - 1.
@@ -475,7 +475,7 @@ def _train_lm(args: argparse.Namespace) -> int:
   return 0
 
 
-def pick(value: Any, default: Any) -> Any:
+def _pick(value: Any, default: Any) -> Any:
   """A flag's value, or the preset's where the flag was not given."""
   return default if value is None else value
 
