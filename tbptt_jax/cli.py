@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import math
 import os
@@ -26,7 +27,7 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from tbptt_jax import lm, synthetic
+from tbptt_jax import _files, lm, synthetic
 from tbptt_jax._checks import STYLES
 from tbptt_jax.cells import CELL_NAMES, cell_by_name
 from tbptt_jax.data import LEVELS, Vocabulary, read_corpus
@@ -468,7 +469,7 @@ def _train_lm(args: argparse.Namespace) -> int:
     vocab = corpus.vocab
     extra = {"vocabulary": {"tokens": list(vocab.tokens), "level": vocab.level, "unk": vocab.unk}}
     lm.save_model(os.path.join(out, "model.msgpack"), config, best_params, extra)
-    _atomic_write(os.path.join(out, "summary.json"), lambda f: json.dump(summary, f, indent=2))
+    _files.atomic_write(os.path.join(out, "summary.json"), json.dumps(summary, indent=2))
     print(f"wrote {out}/model.msgpack (best valid), metrics.jsonl, summary.json")
   if args.json:
     print(json.dumps(summary))
@@ -538,16 +539,6 @@ def _append_jsonl(path: str, record: dict) -> None:
     os.fsync(f.fileno())
 
 
-def _atomic_write(path: str, write, mode: str = "w") -> None:
-  """Writes beside, then renames: a crash never leaves a half-written file."""
-  tmp = f"{path}.tmp"
-  with open(tmp, mode) as f:
-    write(f)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
-
-
 def _prepare_out(out: str | None) -> str | None:
   if out is None:
     return None
@@ -563,19 +554,17 @@ def _prepare_out(out: str | None) -> str | None:
 
 
 def _write_outputs(out: str, summary: dict, losses, grad_norms, params: Any) -> None:
-  def atomic(name: str, write) -> None:
-    mode = "wb" if name.endswith(".msgpack") else "w"
-    _atomic_write(os.path.join(out, name), write, mode)
-
-  def metrics_csv(f):
-    writer = csv.writer(f)
-    writer.writerow(["update", "loss", "grad_norm"])
-    rows = zip(range(1, len(losses) + 1), losses.tolist(), grad_norms.tolist(), strict=True)
-    writer.writerows(rows)
-
-  atomic("summary.json", lambda f: json.dump(summary, f, indent=2))
-  atomic("metrics.csv", metrics_csv)
-  atomic("params.msgpack", lambda f: f.write(flax.serialization.to_bytes(jax.device_get(params))))
+  table = io.StringIO()
+  writer = csv.writer(table)
+  writer.writerow(["update", "loss", "grad_norm"])
+  writer.writerows(
+    zip(range(1, len(losses) + 1), losses.tolist(), grad_norms.tolist(), strict=True)
+  )
+  _files.atomic_write(os.path.join(out, "summary.json"), json.dumps(summary, indent=2))
+  _files.atomic_write(os.path.join(out, "metrics.csv"), table.getvalue())
+  _files.atomic_write(
+    os.path.join(out, "params.msgpack"), flax.serialization.to_bytes(jax.device_get(params))
+  )
 
 
 if __name__ == "__main__":

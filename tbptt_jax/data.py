@@ -31,6 +31,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from tbptt_jax import _files
+
 EOS = "<eos>"
 UNK = "<unk>"
 LEVELS = ("word", "char")
@@ -268,13 +270,7 @@ def save_vocabulary(vocab: Vocabulary, path: str | os.PathLike[str]) -> None:
     "unk": vocab.unk,
     "tokens": list(vocab.tokens),
   }
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(record, f, ensure_ascii=False, indent=1)
-    f.write("\n")
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  _files.atomic_write(path, json.dumps(record, ensure_ascii=False, indent=1) + "\n")
 
 
 def load_vocabulary(path: str | os.PathLike[str]) -> Vocabulary:

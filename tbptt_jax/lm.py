@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -43,7 +42,7 @@ import msgpack
 import numpy as np
 import optax
 
-from tbptt_jax import _checks
+from tbptt_jax import _checks, _files
 from tbptt_jax.cells import CELL_NAMES, Cell, apply_head, cell_by_name
 from tbptt_jax.streams import batchify
 from tbptt_jax.unroll import scan_steps, time_major
@@ -436,12 +435,7 @@ def save_model(path: str, config: LMConfig, params: Any, extra: dict | None = No
     "params": flax.serialization.to_state_dict(jax.device_get(params)),
     "extra": extra or {},
   }
-  tmp = f"{path}.tmp"
-  with open(tmp, "wb") as f:
-    f.write(flax.serialization.msgpack_serialize(payload))
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  _files.atomic_write(path, flax.serialization.msgpack_serialize(payload))
 
 
 def load_model(path: str) -> tuple[LMConfig, LMParams, dict]:
