@@ -10,6 +10,8 @@ long sequence in order. Modules, one idea each:
   truncation  TBPTT(k1, k2), window and per-loss styles: `tbptt_gradients`
   streams     parallel streams of one long sequence: `batchify`, chunks
   train       the optax-style training factory `tbptt_trainer`
+  diagnostics per-lag gradient norms, Jacobian products, truncation bias
+  plots       figures of the diagnostics and training metrics (matplotlib)
   data        word- and character-level corpora and vocabularies
   lm          language models: Zaremba et al. presets, perplexity, sampling
   synthetic   the r2rt synthetic task and its reference losses
@@ -20,7 +22,7 @@ as `truncation.block_gradients`, `truncation.scan_blocks`, `unroll.scan_steps`)
 are the engine's building blocks, documented for those who extend it.
 """
 
-from tbptt_jax import data, lm, synthetic
+from tbptt_jax import data, diagnostics, lm, plots, synthetic
 from tbptt_jax.cells import CELL_NAMES as CELL_NAMES
 from tbptt_jax.cells import Cell as Cell
 from tbptt_jax.cells import ElmanParams as ElmanParams
@@ -54,12 +56,14 @@ __all__ = (
   "batchify",
   "cell_by_name",
   "data",
+  "diagnostics",
   "elman",
   "elman_step",
   "feedforward",
   "flax_cell",
   "iterate_chunks",
   "lm",
+  "plots",
   "stack",
   "synthetic",
   "tbptt_gradients",

@@ -32,7 +32,7 @@ from tbptt_jax._checks import STYLES
 from tbptt_jax.cells import CELL_NAMES, cell_by_name
 from tbptt_jax.data import LEVELS, Vocabulary, read_corpus
 from tbptt_jax.streams import batchify, iterate_chunks
-from tbptt_jax.train import tbptt_trainer
+from tbptt_jax.train import UpdateMetrics, tbptt_trainer
 
 PROG = "tbptt-jax"
 TASKS = ("r2rt", "lm")
@@ -228,7 +228,7 @@ def _train_r2rt(args: argparse.Namespace) -> int:
 
   start = time.perf_counter()
   state = trainer.init(jax.random.key(args.seed), xs[:, : args.k1])
-  losses, grad_norms = [], []
+  losses, history = [], []
   first_call_seconds = first_call_updates = None  # init, compilation, first call
   with tqdm(total=args.steps, unit="update", file=sys.stderr, mininterval=0.5) as bar:
     for inputs, targets in chunks:
@@ -238,11 +238,12 @@ def _train_r2rt(args: argparse.Namespace) -> int:
         first_call_seconds = time.perf_counter() - start
         first_call_updates = len(loss)
       losses.append(loss)
-      grad_norms.append(np.asarray(metrics.grad_norm))
+      history.append(jax.device_get(metrics))
       bar.set_postfix(loss=f"{loss[-1]:.4f}", refresh=False)
       bar.update(len(loss))
   seconds = time.perf_counter() - start
-  losses, grad_norms = np.concatenate(losses), np.concatenate(grad_norms)
+  losses = np.concatenate(losses)
+  history = _joined(history)
 
   tokens = args.steps * args.k1 * args.batch_size
   # Throughput without compilation: the calls after the first, when there are any.
@@ -271,6 +272,7 @@ def _train_r2rt(args: argparse.Namespace) -> int:
     "tokens_per_s": round(tokens / seconds, 1),
     "tokens_per_s_after_first_call": after_first_call,
     "final_loss": round(final_loss, 5),
+    **_gradient_summary(history),
     "reference_losses": {k: round(v, 4) for k, v in levels._asdict().items()},
     "backend": jax.default_backend(),
   }
@@ -285,7 +287,7 @@ def _train_r2rt(args: argparse.Namespace) -> int:
     f"X(t-3) only | {levels.both:.4f} learns X(t-3) and X(t-8)"
   )
   if out is not None:
-    _write_outputs(out, summary, losses, grad_norms, state.params)
+    _write_outputs(out, summary, history, state.params)
     print(f"wrote {out}/summary.json, metrics.csv, params.msgpack")
   if args.json:
     print(json.dumps(summary))
@@ -334,11 +336,14 @@ def _train_lm(args: argparse.Namespace) -> int:
   trainer = tbptt_trainer(
     model,
     lm.cross_entropy,
-    # Zaremba et al.'s units: lr and clip apply to the loss summed over a block's steps.
-    lm.zaremba_sgd(k1, schedule, clip, OPTIMIZERS[optimizer_name]),
+    # Zaremba et al.'s units: lr and clip apply to the loss summed over a block's k1 steps,
+    # whose gradient is k1 times the mean loss's: clipping it at `clip` is clipping the
+    # mean loss's at clip / k1, then scaling by k1.
+    lm.zaremba_sgd(k1, schedule, None, OPTIMIZERS[optimizer_name]),
     k1=k1,
     k2=k2,
     style=args.style,
+    max_grad_norm=None if clip is None else clip / k1,
     unroll=args.unroll,
     step_rngs=True,
   )
@@ -362,7 +367,7 @@ def _train_lm(args: argparse.Namespace) -> int:
   first_call_seconds = first_call_train_seconds = None
   with tqdm(total=epochs * updates_per_epoch, unit="update", file=sys.stderr, mininterval=1) as bar:
     for epoch in range(1, epochs + 1):
-      epoch_start, epoch_losses = time.perf_counter(), []
+      epoch_start, epoch_losses, epoch_metrics = time.perf_counter(), [], []
       lr = float(schedule(state.step))
       state = trainer.reset(state)  # each epoch starts every stream from the initial state
       for inputs, targets in iterate_chunks(streams, chunk_len):
@@ -372,6 +377,7 @@ def _train_lm(args: argparse.Namespace) -> int:
           first_call_seconds = time.perf_counter() - start
           first_call_train_seconds = time.perf_counter() - epoch_start
         epoch_losses.append(loss)
+        epoch_metrics.append(jax.device_get(metrics))
         bar.set_description(f"epoch {epoch}/{epochs}", refresh=False)
         seconds = time.perf_counter() - epoch_start
         bar.set_postfix(
@@ -395,6 +401,7 @@ def _train_lm(args: argparse.Namespace) -> int:
         "train_seconds": round(train_seconds, 3),
         "seconds": round(time.perf_counter() - epoch_start, 3),
         "tokens_per_s": round((streams.shape[1] - 1) * batch_size / train_seconds, 1),
+        **_gradient_summary(_joined(epoch_metrics)),
       }
       record["train_ppl"] = math.exp(record["train_loss"])
       history.append(record)
@@ -553,13 +560,26 @@ def _prepare_out(out: str | None) -> str | None:
   return out
 
 
-def _write_outputs(out: str, summary: dict, losses, grad_norms, params: Any) -> None:
+def _joined(calls: list[UpdateMetrics]) -> UpdateMetrics:
+  """The metrics of several `update` calls as one run of updates."""
+  return UpdateMetrics(*(np.concatenate(field) for field in zip(*calls, strict=True)))
+
+
+def _gradient_summary(metrics: UpdateMetrics) -> dict:
+  """What the updates' gradients did: their median norm, how often clipping and NaN/inf hit."""
+  return {
+    "grad_norm_median": float(np.median(metrics.grad_norm)),
+    "clipped_fraction": round(float(np.mean(metrics.clipped)), 6),
+    "nonfinite_updates": int(np.sum(metrics.nonfinite)),
+  }
+
+
+def _write_outputs(out: str, summary: dict, metrics: UpdateMetrics, params: Any) -> None:
   table = io.StringIO()
   writer = csv.writer(table)
-  writer.writerow(["update", "loss", "grad_norm"])
-  writer.writerows(
-    zip(range(1, len(losses) + 1), losses.tolist(), grad_norms.tolist(), strict=True)
-  )
+  writer.writerow(["update", *UpdateMetrics._fields])
+  columns = [a.tolist() for a in metrics]
+  writer.writerows(zip(range(1, len(metrics.loss) + 1), *columns, strict=True))
   _files.atomic_write(os.path.join(out, "summary.json"), json.dumps(summary, indent=2))
   _files.atomic_write(os.path.join(out, "metrics.csv"), table.getvalue())
   _files.atomic_write(

@@ -56,10 +56,17 @@ class TrainState(NamedTuple):
 
 
 class UpdateMetrics(NamedTuple):
-  """Per-update metrics of one `update` call, each of shape [ceil(T / k1)]."""
+  """Per-update metrics of one `update` call, each of shape [ceil(T / k1)].
+
+  The monitoring fields cost one pass over the gradient each; they are how
+  exploding gradients show up during training (see `tbptt_jax.diagnostics`).
+  """
 
   loss: jax.Array  # the block objective: mean loss over the batch and block steps
   grad_norm: jax.Array  # global norm of the TBPTT gradient, before clipping
+  clipped_grad_norm: jax.Array  # global norm of the gradient the optimizer received
+  clipped: jax.Array  # bool: grad_norm exceeded max_grad_norm, so clipping scaled it down
+  nonfinite: jax.Array  # bool: the gradient held a NaN or an infinity
 
 
 class Trainer(NamedTuple):
@@ -139,8 +146,9 @@ def tbptt_trainer(
   if max_grad_norm is not None and not max_grad_norm > 0:
     raise ValueError(f"{where}: max_grad_norm must be > 0 or None, got {max_grad_norm!r}")
   _checks.unroll(where, unroll)
-  if max_grad_norm is not None:
-    optimizer = optax.chain(optax.clip_by_global_norm(max_grad_norm), optimizer)
+  # Clipping runs before the optimizer but outside its state, so `opt_state`
+  # is exactly the optimizer's and the gradient after clipping can be measured.
+  clip = None if max_grad_norm is None else optax.clip_by_global_norm(max_grad_norm)
 
   def start_of_sequence(x_t: Any) -> tuple[Carry, Lookback]:
     carry = model.initial_carry(x_t)
@@ -205,7 +213,11 @@ def tbptt_trainer(
         head_fn=model.head,
         where="update",
       )
-      updates, opt_state = optimizer.update(out.grads, state.opt_state, state.params)
+      grads = out.grads
+      grad_norm = optax.tree.norm(grads)
+      if clip is not None:
+        grads, _ = clip.update(grads, clip.init(state.params))
+      updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
       state = state._replace(
         params=optax.apply_updates(state.params, updates),
         opt_state=opt_state,
@@ -213,7 +225,14 @@ def tbptt_trainer(
         lookback=out.lookback,
         step=state.step + 1,
       )
-      return state, UpdateMetrics(out.loss, optax.tree.norm(out.grads))
+      metrics = UpdateMetrics(
+        loss=out.loss,
+        grad_norm=grad_norm,
+        clipped_grad_norm=grad_norm if clip is None else optax.tree.norm(grads),
+        clipped=jnp.asarray(False) if clip is None else grad_norm > max_grad_norm,
+        nonfinite=~_all_finite(out.grads),
+      )
+      return state, metrics
 
     return scan_blocks(one_update, state, (xs, ys, resets), k1)
 
@@ -224,3 +243,9 @@ def tbptt_trainer(
     return state._replace(**jax.tree.map(jnp.copy, dict(carry=carry, lookback=lookback)))
 
   return Trainer(init=init, update=jax.jit(update, donate_argnums=0), reset=reset)
+
+
+def _all_finite(tree: Any) -> jax.Array:
+  """True when no leaf of `tree` holds a NaN or an infinity."""
+  finite = [jnp.all(jnp.isfinite(a)) for a in jax.tree.leaves(tree)]
+  return jnp.all(jnp.asarray(finite)) if finite else jnp.asarray(True)
