@@ -65,14 +65,15 @@ from tbptt_jax.unroll import scan_steps, time_major
 class LagProfile(NamedTuple):
   """How the gradient of the loss at step t depends on step t - k, for k = 0..K.
 
-  Averages run over every loss step t with t >= k (the pairs that exist) and,
-  for `state_norms`, over streams.
+  The norms average over the losses t >= K, which reach back all K lags, so
+  every lag averages the same losses (and, for `state_norms`, over streams);
+  `gradient` sums over all losses.
   """
 
   state_norms: jax.Array  # shape=[K + 1]: mean of ||d l_t^b / d s_{t-k}^b|| (lag 0: d y_t^b)
   param_norms: jax.Array  # shape=[K + 1]: mean of ||step t-k's part of d mean_b l_t^b / d theta||
-  pairs: jax.Array  # shape=[K + 1], int32: how many loss steps t each lag averages over
-  gradient: Params  # the per-lag contributions summed over k <= K, averaged over t
+  losses: jax.Array  # shape=(), int32: how many loss steps t the norms average over, T - K
+  gradient: Params  # the per-lag contributions summed over k <= K, averaged over all T losses
 
 
 def lag_profile(
@@ -88,18 +89,22 @@ def lag_profile(
 ) -> LagProfile:
   r"""Per-lag gradient norms of a model on a batch of sequences, in one jitted call.
 
-  For each loss step t and lag k <= min(t, K), with l_t^b the per-example loss
-  of stream b at step t and l_t = mean_b l_t^b:
+  With l_t^b the per-example loss of stream b at step t, l_t = mean_b l_t^b,
+  and c_{t,k} the part of d l_t / d theta that flows through theta's use at
+  step t - k, for k = 0..K:
 
-      state_norms[k] = mean_{t, b} || d l_t^b / d s_{t-k}^b ||,
-      param_norms[k] = mean_t || c_{t,k} ||,  c_{t,k} = the part of d l_t / d theta
-                       that flows through theta's use at step t - k,
+      state_norms[k] = mean_{t >= K, b} || d l_t^b / d s_{t-k}^b ||,
+      param_norms[k] = mean_{t >= K} || c_{t,k} ||,
 
   with lag 0 taken at the output y_t (and the head's parameters counted in
-  c_{t,0}). Since d l_t / d theta = sum_k c_{t,k}, `gradient` = mean_t
-  sum_{k <= K} c_{t,k} is the gradient of the mean loss with every l_t
-  backpropagated through its last K + 1 steps: per-loss TBPTT with k2 = K + 1,
-  and full BPTT once K >= T - 1.
+  c_{t,0}). The norms average over the same losses at every lag, those that
+  reach back K steps, so a geometric decay shows as a straight line on a log
+  scale. Since d l_t / d theta = sum_k c_{t,k}, `gradient` = mean_t
+  sum_{k <= min(t, K)} c_{t,k}, over all T losses, is the gradient of the mean
+  loss with every l_t backpropagated through its last K + 1 steps: per-loss
+  TBPTT with k2 = K + 1, and full BPTT once K >= T - 1. Streams are assumed
+  independent (as in every cell of this library): d (sum_b l_t^b) / d s^b is
+  then stream b's own gradient.
 
   How: one forward pass stores the carry entering every step; then, for each
   loss, a `lax.scan` over lags walks the chain rule backwards, one vector-
@@ -181,9 +186,10 @@ def _lag_profile(model, loss_fn, max_lag, chunk, params, carry, inputs, targets)
         lambda g, h: g / batch + jnp.where(k == 0, h, jnp.zeros_like(h)), dparams, head_grads
       )
       state_norm = jnp.where(k == 0, _stream_norms(dy), _stream_norms(ds))
+      param_norm = _norm(c)
       c = jax.tree.map(lambda a: jnp.where(exists, a, jnp.zeros_like(a)), c)
       grad_sum = jax.tree.map(jnp.add, grad_sum, c)
-      return (ds_in, grad_sum), (jnp.where(exists, state_norm, 0.0), _norm(c), exists)
+      return (ds_in, grad_sum), (state_norm, param_norm)
 
     ds0 = jax.tree.map(jnp.zeros_like, carry)
     zeros = jax.tree.map(jnp.zeros_like, params)
@@ -196,29 +202,28 @@ def _lag_profile(model, loss_fn, max_lag, chunk, params, carry, inputs, targets)
 
   def chunk_step(totals, ts):
     real = ts < time
-    (state_norms, param_norms, exists), grad_sums = jax.vmap(one_loss)(jnp.minimum(ts, time - 1))
-    exists = exists & real[:, None]
-    state_sum, param_sum, pairs, grad = totals
-    state_sum += jnp.sum(jnp.where(exists[..., None], state_norms, 0.0), axis=(0, 2))
-    param_sum += jnp.sum(jnp.where(exists, param_norms, 0.0), axis=0)
-    pairs += jnp.sum(exists, axis=0, dtype=jnp.int32)
+    (state_norms, param_norms), grad_sums = jax.vmap(one_loss)(jnp.minimum(ts, time - 1))
+    complete = real & (ts >= max_lag)  # the losses whose every lag exists
+    state_sum, param_sum, grad = totals
+    state_sum += jnp.sum(jnp.where(complete[:, None, None], state_norms, 0.0), axis=(0, 2))
+    param_sum += jnp.sum(jnp.where(complete[:, None], param_norms, 0.0), axis=0)
     grad = jax.tree.map(
       lambda acc, g: acc + jnp.tensordot(real.astype(g.dtype), g, axes=1), grad, grad_sums
     )
-    return (state_sum, param_sum, pairs, grad), None
+    return (state_sum, param_sum, grad), None
 
   dtype = jnp.result_type(*jax.tree.leaves(carry)) if jax.tree.leaves(carry) else jnp.float32
   totals = (
     jnp.zeros((max_lag + 1,), dtype),
     jnp.zeros((max_lag + 1,), dtype),
-    jnp.zeros((max_lag + 1,), jnp.int32),
     jax.tree.map(jnp.zeros_like, params),
   )
-  (state_sum, param_sum, pairs, grad), _ = jax.lax.scan(chunk_step, totals, ts)
+  (state_sum, param_sum, grad), _ = jax.lax.scan(chunk_step, totals, ts)
+  losses = time - max_lag
   return LagProfile(
-    state_norms=state_sum / (pairs * batch),
-    param_norms=param_sum / pairs,
-    pairs=pairs,
+    state_norms=state_sum / (losses * batch),
+    param_norms=param_sum / losses,
+    losses=jnp.asarray(losses, jnp.int32),
     gradient=jax.tree.map(lambda g: g / time, grad),
   )
 
@@ -247,8 +252,8 @@ def step_jacobian_spectra(
   Returns:
     `[T, n]`: row t holds the singular values of J_t, largest first.
   """
-  step, entering, xs = _trajectory("step_jacobian_spectra", model, params, inputs, carry, stream)
-  return jnp.linalg.svd(_step_jacobians(step, entering, xs), compute_uv=False)
+  carry, xs = _one_stream("step_jacobian_spectra", model, inputs, carry, stream)
+  return jnp.linalg.svd(_step_jacobians(model, params, carry, xs), compute_uv=False)
 
 
 def jacobian_product_norms(
@@ -294,10 +299,10 @@ def jacobian_product_norms(
   if method not in ("exact", "power"):
     raise ValueError(f"{where}: method must be 'exact' or 'power', got {method!r}")
   iterations = _checks.positive_int(where, "iterations", iterations)
-  step, entering, xs = _trajectory(where, model, params, inputs, carry, stream)
+  carry, xs = _one_stream(where, model, inputs, carry, stream)
   if method == "exact":
-    return _exact_product_norms(step, entering, xs, int(max_lag))
-  return _power_product_norms(step, entering, xs, int(max_lag), iterations)
+    return _exact_product_norms(model, int(max_lag), params, carry, xs)
+  return _power_product_norms(model, int(max_lag), iterations, params, carry, xs)
 
 
 class TruncationBias(NamedTuple):
@@ -460,8 +465,8 @@ def suggest_k2(beta: float, delta: float, *, k_min: int = 1, k_max: int = 1000) 
   return int(min(max(k, k_min), k_max))
 
 
-def _trajectory(where, model, params, inputs, carry, stream):
-  """One stream's step function on flat states, the carry entering each step, its inputs."""
+def _one_stream(where, model, inputs, carry, stream):
+  """The carry and inputs of one stream (batch axis kept, of size 1), inputs time-major."""
   _check_model(where, model)
   batch, _ = _checks.batch_time(where, "inputs", inputs)
   if isinstance(stream, bool) or not isinstance(stream, (int, np.integer)):
@@ -469,38 +474,38 @@ def _trajectory(where, model, params, inputs, carry, stream):
   if not 0 <= stream < batch:
     raise ValueError(f"{where}: stream must be in [0, {batch - 1}], got {stream}")
   carry = _initial_carry(where, model, inputs, carry, batch)
-  one = lambda a: a[stream : stream + 1]  # noqa: E731 - a stream keeps its batch axis of 1
+  one = lambda a: jnp.asarray(a)[stream : stream + 1]  # noqa: E731
   carry, inputs = jax.tree.map(one, carry), jax.tree.map(one, inputs)
-  flat_carry, unravel = ravel_pytree(carry)
-  if flat_carry.size == 0:
+  if not jax.tree.leaves(carry):
     raise ValueError(f"{where}: the model has no state (its carry is empty)")
+  return carry, time_major(inputs)
+
+
+def _flat_trajectory(model, params, carry, xs):
+  """`step(s, x_t) -> s'` on the flattened carry, and the flat carry entering each step."""
+  s0, unravel = ravel_pytree(carry)
 
   def step(s, x_t):
     new_carry, _ = model.apply(params, unravel(s), x_t)
     return ravel_pytree(new_carry)[0]
 
-  xs = time_major(inputs)
-  entering = _entering_flat(step, flat_carry, xs)
-  return step, entering, xs
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _entering_flat(step, s0, xs):
   def body(s, x_t):
     return step(s, x_t), s
 
-  return jax.lax.scan(body, s0, xs)[1]
+  return step, jax.lax.scan(body, s0, xs)[1]
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _step_jacobians(step, entering, xs):
+def _step_jacobians(model, params, carry, xs):
+  step, entering = _flat_trajectory(model, params, carry, xs)
   return jax.vmap(jax.jacfwd(step))(entering, xs)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3))
-def _exact_product_norms(step, entering, xs, max_lag):
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _exact_product_norms(model, max_lag, params, carry, xs):
+  step, entering = _flat_trajectory(model, params, carry, xs)
   first = entering.shape[0] - max_lag
-  last = _step_jacobians(step, entering[first:], _at(xs, slice(first, None)))
+  last = jax.vmap(jax.jacfwd(step))(entering[first:], _at(xs, slice(first, None)))
 
   def body(product, jacobian):
     # d s_T / d s_{T-k} = (d s_T / d s_{T-k+1}) J_{T-k+1}
@@ -511,8 +516,9 @@ def _exact_product_norms(step, entering, xs, max_lag):
   return jax.lax.scan(body, eye, last, reverse=True)[1][::-1]
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3, 4))
-def _power_product_norms(step, entering, xs, max_lag, iterations):
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _power_product_norms(model, max_lag, iterations, params, carry, xs):
+  step, entering = _flat_trajectory(model, params, carry, xs)
   time, n = entering.shape
   window = _at(xs, slice(time - max_lag, None))
 

@@ -102,7 +102,13 @@ def test_json_summary_and_outputs(tmp_path, capsys):
   assert json.loads((out / "summary.json").read_text()) == summary
   with open(out / "metrics.csv") as f:
     rows = list(csv.DictReader(f))
-  assert len(rows) == 30 and rows[0].keys() == {"update", "loss", "grad_norm"}
+  assert len(rows) == 30 and list(rows[0]) == [
+    "update", "loss", "grad_norm", "clipped_grad_norm", "clipped", "nonfinite",
+  ]  # fmt: skip
+  clipped = [float(r["grad_norm"]) > 1.0 for r in rows]
+  assert [r["clipped"] == "True" for r in rows] == clipped
+  assert summary["clipped_fraction"] == pytest.approx(np.mean(clipped))
+  assert summary["nonfinite_updates"] == 0
   # The last 10% of updates' losses give final_loss.
   tail = [float(r["loss"]) for r in rows[-3:]]
   np.testing.assert_allclose(summary["final_loss"], np.mean(tail), atol=1e-5)
@@ -171,6 +177,9 @@ def test_language_model_train_then_eval(shared_data, tmp_path, capsys):
   lines = (out / "metrics.jsonl").read_text().splitlines()
   records = [json.loads(line) for line in lines]
   assert [r["epoch"] for r in records] == [1, 2]
+  for r in records:  # the gradient's story per epoch, clipped at Zaremba's 5 / k1 on the mean loss
+    assert r["grad_norm_median"] > 0 and 0 <= r["clipped_fraction"] <= 1
+    assert r["nonfinite_updates"] == 0
   assert min(r["valid_ppl"] for r in records) == pytest.approx(summary["valid_ppl"], rel=1e-4)
   assert json.loads((out / "summary.json").read_text()) == summary
   assert not [p for p in os.listdir(out) if p.endswith(".tmp")]

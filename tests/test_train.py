@@ -195,17 +195,30 @@ def test_state_is_donated():
   assert not any(leaf.is_deleted() for leaf in jax.tree.leaves(new_state.params))
 
 
-def test_gradient_clipping():
-  """max_grad_norm clips each update; the metric reports the norm before clipping."""
+def test_gradient_clipping_and_its_metrics():
+  """max_grad_norm clips each update; the metrics report the norm before and after, and that
+  clipping fired; a NaN input is reported as a non-finite gradient."""
   clip, lr = 1e-3, 1.0
   trainer = tbptt_jax.tbptt_trainer(make_model(), loss_fn, optax.sgd(lr), k1=4, max_grad_norm=clip)
-  x, y = data(4, seed=4)
+  x, y = data(8, seed=4)
   state = trainer.init(jax.random.key(4), x)
   before = jax.tree.map(jnp.copy, state.params)  # `update` donates state
-  state, metrics = trainer.update(state, x, y)
+  state, metrics = trainer.update(state, x[:, :4], y[:, :4])
   moved = optax.tree.norm(jax.tree.map(lambda a, b: a - b, state.params, before))
   assert float(metrics.grad_norm[0]) > 100 * clip
   np.testing.assert_allclose(float(moved), lr * clip, rtol=1e-4)
+  np.testing.assert_allclose(metrics.clipped_grad_norm, [clip], rtol=1e-5)
+  assert metrics.clipped.tolist() == [True] and metrics.nonfinite.tolist() == [False]
+  poisoned = np.array(x[:, 4:])
+  poisoned[0, 1] = np.nan
+  state, metrics = trainer.update(state, poisoned, y[:, 4:])
+  assert metrics.nonfinite.tolist() == [True] and not metrics.clipped[0]
+
+  # Without clipping, the norm the optimizer gets is the gradient's own.
+  trainer = tbptt_jax.tbptt_trainer(make_model(), loss_fn, optax.sgd(lr), k1=4)
+  _, metrics = trainer.update(trainer.init(jax.random.key(4), x), x, y)
+  np.testing.assert_array_equal(metrics.clipped_grad_norm, metrics.grad_norm)
+  assert not metrics.clipped.any() and not metrics.nonfinite.any()
 
 
 def test_reset_restarts_every_stream():
