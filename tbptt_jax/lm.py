@@ -270,18 +270,23 @@ def epoch_loss(update_losses: Any, steps: int, k1: int) -> float:
 def zaremba_sgd(
   k: int,
   learning_rate: float | optax.Schedule,
-  max_grad_norm: float | None,
+  max_grad_norm: float | None = None,
   optimizer: Callable[..., optax.GradientTransformation] = optax.sgd,
 ) -> optax.GradientTransformation:
-  """SGD on the loss summed over the k steps of a block, clipped, as Zaremba et al. train.
+  """SGD on the loss summed over the k steps of a block, as Zaremba et al. train.
 
   `tbptt_trainer` differentiates the mean loss over the batch and the block's
   steps. Zaremba et al. (and TensorFlow's PTB tutorial) minimise the loss
   summed over the k steps and averaged over the batch, whose gradient is k
   times larger; their learning rate 1 and clipping norm 5 are in those units.
-  So the gradient is scaled by k, then clipped, then the step taken: the same
-  updates as theirs (PyTorch's word_language_model writes the same thing as
-  lr 20, clip 0.25 on the mean loss at k = 20).
+  So the gradient is scaled by k, then (optionally) clipped, then the step
+  taken: the same updates as theirs (PyTorch's word_language_model writes the
+  same thing as lr 20, clip 0.25 on the mean loss at k = 20).
+
+  Clipping the summed loss's gradient at c is clipping the mean loss's at
+  c / k before the scaling, which is what `tbptt-jax train` does:
+  `tbptt_trainer(..., zaremba_sgd(k, lr), max_grad_norm=c / k)`, so that the
+  trainer's metrics report the clipping.
 
   Args:
     k: the block length k1.
