@@ -51,7 +51,7 @@ class TrainState(NamedTuple):
   opt_state: optax.OptState
   carry: Carry  # leaves [batch, ...]: each stream's state after the last step seen
   lookback: Lookback  # the last k2 - 1 steps of every stream, time-major
-  step: jax.Array  # shape=(), int32: optimizer updates made
+  step: jax.Array  # shape=(), int32: optimizer updates made (skipped ones not counted)
   rng: jax.Array  # PRNG key: the source of per-step randomness (`step_rngs`)
 
 
@@ -102,6 +102,7 @@ def tbptt_trainer(
   max_grad_norm: float | None = None,
   unroll: int | bool = 1,
   step_rngs: bool = False,
+  skip_nonfinite: bool = True,
 ) -> Trainer:
   """Builds a jitted TBPTT(k1, k2) training step for a recurrent model.
 
@@ -124,6 +125,10 @@ def tbptt_trainer(
       uint32, `jax.random.key_data`), fresh for every stream and step, drawn
       from `TrainState.rng`. The lookback keeps them with the inputs, so a
       window that re-runs a step replays the step's randomness exactly.
+    skip_nonfinite: if True (the default), an update whose gradient holds a
+      NaN or an infinity is skipped: parameters, optimizer state and `step`
+      stay as they were (the carry still moves on with the data), and the
+      update's `UpdateMetrics.nonfinite` says so. If False, it is applied.
 
   Returns:
     A `Trainer(init, update, reset)`.
@@ -218,19 +223,29 @@ def tbptt_trainer(
       if clip is not None:
         grads, _ = clip.update(grads, clip.init(state.params))
       updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+      params = optax.apply_updates(state.params, updates)
+      finite = _all_finite(out.grads)
+      if skip_nonfinite:
+        # A NaN or inf gradient never reaches the parameters: the update is skipped
+        # (params, optimizer state and step unchanged); the streams still move on.
+        params, opt_state = jax.tree.map(
+          lambda new, old: jnp.where(finite, new, old),
+          (params, opt_state),
+          (state.params, state.opt_state),
+        )
       state = state._replace(
-        params=optax.apply_updates(state.params, updates),
+        params=params,
         opt_state=opt_state,
         carry=out.carry,
         lookback=out.lookback,
-        step=state.step + 1,
+        step=state.step + (finite if skip_nonfinite else 1),
       )
       metrics = UpdateMetrics(
         loss=out.loss,
         grad_norm=grad_norm,
         clipped_grad_norm=grad_norm if clip is None else optax.tree.norm(grads),
         clipped=jnp.asarray(False) if clip is None else grad_norm > max_grad_norm,
-        nonfinite=~_all_finite(out.grads),
+        nonfinite=~finite,
       )
       return state, metrics
 

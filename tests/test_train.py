@@ -195,9 +195,9 @@ def test_state_is_donated():
   assert not any(leaf.is_deleted() for leaf in jax.tree.leaves(new_state.params))
 
 
-def test_gradient_clipping_and_its_metrics():
+def test_gradient_clipping_and_its_metrics_and_the_nonfinite_guard():
   """max_grad_norm clips each update; the metrics report the norm before and after, and that
-  clipping fired; a NaN input is reported as a non-finite gradient."""
+  clipping fired; a NaN input is reported as a non-finite gradient, whose update is skipped."""
   clip, lr = 1e-3, 1.0
   trainer = tbptt_jax.tbptt_trainer(make_model(), loss_fn, optax.sgd(lr), k1=4, max_grad_norm=clip)
   x, y = data(8, seed=4)
@@ -211,8 +211,16 @@ def test_gradient_clipping_and_its_metrics():
   assert metrics.clipped.tolist() == [True] and metrics.nonfinite.tolist() == [False]
   poisoned = np.array(x[:, 4:])
   poisoned[0, 1] = np.nan
+  good = jax.tree.map(np.array, (state.params, state.opt_state, state.step))
   state, metrics = trainer.update(state, poisoned, y[:, 4:])
   assert metrics.nonfinite.tolist() == [True] and not metrics.clipped[0]
+  # The guard skipped the update: parameters, optimizer state and step are the last good ones.
+  chex.assert_trees_all_equal((state.params, state.opt_state, state.step), good)
+  unguarded = tbptt_jax.tbptt_trainer(
+    make_model(), loss_fn, optax.sgd(lr), k1=4, max_grad_norm=clip, skip_nonfinite=False
+  )
+  state, _ = unguarded.update(unguarded.init(jax.random.key(4), x), poisoned, y[:, 4:])
+  assert not np.isfinite(np.asarray(jax.tree.leaves(state.params)[0])).all()
 
   # Without clipping, the norm the optimizer gets is the gradient's own.
   trainer = tbptt_jax.tbptt_trainer(make_model(), loss_fn, optax.sgd(lr), k1=4)
