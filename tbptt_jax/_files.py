@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import time
+
+# Fault injection for tests: seconds to pause halfway through writing the temporary file.
+_PAUSE = "TBPTT_JAX_TEST_WRITE_PAUSE"
 
 
 def atomic_write(path: str | os.PathLike[str], data: bytes | str) -> None:
@@ -14,8 +18,15 @@ def atomic_write(path: str | os.PathLike[str], data: bytes | str) -> None:
   """
   path = os.fspath(path)
   tmp = f"{path}.tmp"
+  data = data.encode("utf-8") if isinstance(data, str) else data
   with open(tmp, "wb") as f:
-    f.write(data.encode("utf-8") if isinstance(data, str) else data)
+    pause = os.environ.get(_PAUSE)
+    if pause:  # the tests' window for killing a process in the middle of a write
+      f.write(data[: len(data) // 2])
+      f.flush()
+      time.sleep(float(pause))
+      data = data[len(data) // 2 :]
+    f.write(data)
     f.flush()
     os.fsync(f.fileno())
   os.replace(tmp, path)

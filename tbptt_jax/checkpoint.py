@@ -115,7 +115,7 @@ def step_checkpoints(directory: str | os.PathLike[str]) -> list[str]:
   """The step checkpoints in `directory`, oldest first (none if it does not exist)."""
   try:
     files = os.listdir(directory)
-  except FileNotFoundError:
+  except (FileNotFoundError, NotADirectoryError):
     return []
   steps = sorted((int(m.group(1)), f) for f in files if (m := _STEP_FILE.match(f)))
   return [os.path.join(os.fspath(directory), f) for _, f in steps]

@@ -11,15 +11,14 @@ Bad arguments print one line, `tbptt-jax: error: ...`, and exit with status 2.
 from __future__ import annotations
 
 import argparse
-import csv
-import io
+import itertools
 import json
 import math
 import os
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.serialization
 import jax
@@ -27,12 +26,12 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from tbptt_jax import _files, lm, synthetic
+from tbptt_jax import _files, _session, checkpoint, lm, synthetic
 from tbptt_jax._checks import STYLES
 from tbptt_jax.cells import CELL_NAMES, cell_by_name
 from tbptt_jax.data import LEVELS, Vocabulary, read_corpus
 from tbptt_jax.streams import batchify, iterate_chunks
-from tbptt_jax.train import UpdateMetrics, tbptt_trainer
+from tbptt_jax.train import Trainer, TrainState, UpdateMetrics, tbptt_trainer
 
 PROG = "tbptt-jax"
 TASKS = ("r2rt", "lm")
@@ -120,7 +119,22 @@ def _parser() -> argparse.ArgumentParser:
   train.add_argument("--clip", type=pos_float, help="max global gradient norm (r2rt: none)")
   train.add_argument("--unroll", type=pos_int, default=1, help="lax.scan unroll over time")
   train.add_argument("--seed", type=int, default=0, help="seed of data and initialisation")
-  train.add_argument("--out", default=None, help="folder for summary, metrics and parameters")
+  train.add_argument(
+    "--out", default=None, help="folder for summary, metrics, parameters and checkpoints"
+  )
+  train.add_argument(
+    "--resume", action="store_true", help="continue the run saved in --out from its last checkpoint"
+  )
+  train.add_argument(
+    "--save-every", type=pos_int, default=1000, help="updates between checkpoints (default 1000)"
+  )
+  train.add_argument("--keep", type=pos_int, default=3, help="step checkpoints kept (default 3)")
+  train.add_argument(
+    "--max-nonfinite",
+    type=pos_int,
+    default=10,
+    help="stop after this many updates in a row with NaN/inf gradients (default 10)",
+  )
   train.add_argument("--json", action="store_true", help="end stdout with a JSON summary line")
   lm_flags = train.add_argument_group("language modelling (--task lm)")
   lm_flags.add_argument("--data", help="folder of train/valid/test text files")
@@ -187,11 +201,20 @@ def main(argv: Sequence[str] | None = None) -> int:
   except ValueError as e:
     print(f"{PROG}: error: {e}", file=sys.stderr)
     return 2
+  except _RunStopped as e:
+    print(f"{PROG}: error: {e.message}", file=sys.stderr)
+    return e.status
+  except KeyboardInterrupt:  # before training started (its loop handles SIGINT itself)
+    print(f"\n{PROG}: interrupted before training started; nothing saved", file=sys.stderr)
+    return 130
 
 
 def _train(args: argparse.Namespace) -> int:
+  if args.data is not None:
+    args.data = os.path.abspath(args.data)  # a run resumes from any working folder
+  resume = _resume_point(args)
   if args.task == "lm":
-    return _train_lm(args)
+    return _train_lm(args, resume)
   for flag, name in (
     ("--data", "data"),
     ("--epochs", "epochs"),
@@ -206,10 +229,10 @@ def _train(args: argparse.Namespace) -> int:
   for name, value in R2RT_DEFAULTS.items():
     if getattr(args, name) is None:
       setattr(args, name, value)
-  return _train_r2rt(args)
+  return _train_r2rt(args, resume)
 
 
-def _train_r2rt(args: argparse.Namespace) -> int:
+def _train_r2rt(args: argparse.Namespace, resume: _Resume | None) -> int:
   k2 = args.k1 if args.k2 is None else args.k2
   out = _prepare_out(args.out)
   trainer = tbptt_trainer(
@@ -224,32 +247,50 @@ def _train_r2rt(args: argparse.Namespace) -> int:
   )
   # Every update sees k1 new steps of each of the batch_size streams.
   xs, ys = synthetic.streams(args.seed, args.batch_size, args.steps * args.k1)
-  chunks = iterate_chunks(xs, args.updates_per_call * args.k1, targets=ys)
-
+  position = {"calls": 0, "updates": 0, "seconds": 0.0} if resume is None else resume.meta
+  saves = _Checkpoints(out, args)
   start = time.perf_counter()
-  state = trainer.init(jax.random.key(args.seed), xs[:, : args.k1])
-  losses, history = [], []
+  state = saves.restore(resume, trainer, jax.random.key(args.seed), xs[:, : args.k1])
+  log = _session.UpdateLog(out and os.path.join(out, "metrics.csv"), position["updates"])
+  chunks = iterate_chunks(xs, args.updates_per_call * args.k1, targets=ys)
+  guard = _NonfiniteGuard(args.max_nonfinite)
   first_call_seconds = first_call_updates = None  # init, compilation, first call
-  with tqdm(total=args.steps, unit="update", file=sys.stderr, mininterval=0.5) as bar:
-    for inputs, targets in chunks:
+  bar = tqdm(total=args.steps, initial=len(log), unit="update", file=sys.stderr, mininterval=0.5)
+  with _session.Interrupts() as interrupts, bar:
+    # A resumed run skips the calls its checkpoint holds.
+    for calls, (inputs, targets) in enumerate(
+      itertools.islice(chunks, position["calls"], None), position["calls"] + 1
+    ):
       state, metrics = trainer.update(state, inputs, targets)
-      loss = np.asarray(metrics.loss)  # waits for the call to finish
+      metrics = jax.device_get(metrics)  # waits for the call to finish
       if first_call_seconds is None:
         first_call_seconds = time.perf_counter() - start
-        first_call_updates = len(loss)
-      losses.append(loss)
-      history.append(jax.device_get(metrics))
-      bar.set_postfix(loss=f"{loss[-1]:.4f}", refresh=False)
-      bar.update(len(loss))
-  seconds = time.perf_counter() - start
-  losses = np.concatenate(losses)
-  history = _joined(history)
+        first_call_updates = len(metrics.loss)
+      log.append(metrics)
+      bar.set_postfix(loss=f"{metrics.loss[-1]:.4f}", refresh=False)
+      bar.update(len(metrics.loss))
+      here = {
+        "calls": calls,
+        "updates": len(log),
+        "seconds": position["seconds"] + time.perf_counter() - start,
+      }
+      status = saves.after_call(state, here, metrics, interrupts, guard, bar.write)
+      if status is not None:
+        return status
+  seconds = position["seconds"] + time.perf_counter() - start
+  if first_call_seconds is not None:  # the final checkpoint (none if nothing was left to do)
+    saves.save(state, {**here, "seconds": seconds})
+  history = log.joined()
+  losses = history.loss
 
   tokens = args.steps * args.k1 * args.batch_size
-  # Throughput without compilation: the calls after the first, when there are any.
-  steady_tokens = (args.steps - first_call_updates) * args.k1 * args.batch_size
-  steady_seconds = seconds - first_call_seconds
-  after_first_call = round(steady_tokens / steady_seconds, 1) if steady_tokens else None
+  # Throughput without compilation: this process's calls after its first, when there are any.
+  this_run = time.perf_counter() - start
+  steady_updates = len(log) - position["updates"] - (first_call_updates or 0)
+  steady_tokens = steady_updates * args.k1 * args.batch_size
+  after_first_call = (
+    round(steady_tokens / (this_run - first_call_seconds), 1) if steady_tokens else None
+  )
   final_loss = float(losses[-max(1, len(losses) // 10) :].mean())
   levels = synthetic.reference_losses()
   summary = {
@@ -268,7 +309,7 @@ def _train_r2rt(args: argparse.Namespace) -> int:
     "steps": args.steps,
     "tokens": tokens,
     "seconds": round(seconds, 3),
-    "first_call_seconds": round(first_call_seconds, 3),
+    "first_call_seconds": None if first_call_seconds is None else round(first_call_seconds, 3),
     "tokens_per_s": round(tokens / seconds, 1),
     "tokens_per_s_after_first_call": after_first_call,
     "final_loss": round(final_loss, 5),
@@ -287,14 +328,14 @@ def _train_r2rt(args: argparse.Namespace) -> int:
     f"X(t-3) only | {levels.both:.4f} learns X(t-3) and X(t-8)"
   )
   if out is not None:
-    _write_outputs(out, summary, history, state.params)
-    print(f"wrote {out}/summary.json, metrics.csv, params.msgpack")
+    _write_outputs(out, summary, state.params)
+    print(f"wrote {out}/summary.json, metrics.csv, params.msgpack, checkpoints/")
   if args.json:
     print(json.dumps(summary))
   return 0
 
 
-def _train_lm(args: argparse.Namespace) -> int:
+def _train_lm(args: argparse.Namespace, resume: _Resume | None) -> int:
   if args.data is None:
     raise ValueError("--task lm needs --data DIR, a folder of train/valid/test text files")
   if args.steps is not None:
@@ -359,55 +400,109 @@ def _train_lm(args: argparse.Namespace) -> int:
     f"lr {schedule(0):g}, clip {clip}, {epochs} epochs of {updates_per_epoch} updates",
     flush=True,
   )
+  position = (
+    resume.meta
+    if resume is not None
+    else {
+      "epoch": 1,  # the epoch to run (next, or in progress when chunk > 0)
+      "chunk": 0,  # the calls of that epoch already made
+      "epoch_start": 0,  # the first update of that epoch
+      "epoch_seconds": 0.0,  # its training time so far
+      "updates": 0,
+      "seconds": 0.0,
+      "history": [],  # one record per finished epoch, as in metrics.jsonl
+      "best": None,  # {"valid_loss", "epoch"}; its parameters are checkpoints/best.ckpt
+    }
+  )
+  saves = _Checkpoints(out, args)
+  key, example = jax.random.key(args.seed), streams[:, :k1]
   start = time.perf_counter()
-  state = trainer.init(jax.random.key(args.seed), streams[:, :k1])
+  state = saves.restore(resume, trainer, key, example)
+  history = list(position["history"])
   best = None  # (valid loss, epoch, params)
-  history, losses = [], []
+  if position["best"] is not None:
+    best_state = saves.restore_best(trainer, key, example)
+    best = (position["best"]["valid_loss"], position["best"]["epoch"], best_state.params)
+  log = _session.UpdateLog(out and os.path.join(out, "updates.csv"), position["updates"])
+  if out is not None:  # the epochs the checkpoint holds, without any logged after it
+    _files.atomic_write(
+      os.path.join(out, "metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in history)
+    )
   chunk_len = args.updates_per_call * k1
-  first_call_seconds = first_call_train_seconds = None
-  with tqdm(total=epochs * updates_per_epoch, unit="update", file=sys.stderr, mininterval=1) as bar:
-    for epoch in range(1, epochs + 1):
-      epoch_start, epoch_losses, epoch_metrics = time.perf_counter(), [], []
+  guard = _NonfiniteGuard(args.max_nonfinite)
+  first_call_seconds, first_call_train_seconds, first_call_updates = None, 0.0, 0
+  updates_at_start, run_train_seconds = len(log), 0.0  # this process's share of the run
+  bar = tqdm(
+    total=epochs * updates_per_epoch,
+    initial=len(log),
+    unit="update",
+    file=sys.stderr,
+    mininterval=1,
+  )
+  with _session.Interrupts() as interrupts, bar:
+    for epoch in range(position["epoch"], epochs + 1):
+      epoch_start = time.perf_counter()
+      if epoch == position["epoch"] and position["chunk"] > 0:  # resumed mid-epoch
+        skip, first_update = position["chunk"], position["epoch_start"]
+        seconds_before = position["epoch_seconds"]
+      else:
+        state = trainer.reset(state)  # each epoch starts every stream from the initial state
+        skip, first_update, seconds_before = 0, len(log), 0.0
       lr = float(schedule(state.step))
-      state = trainer.reset(state)  # each epoch starts every stream from the initial state
-      for inputs, targets in iterate_chunks(streams, chunk_len):
+      chunks = itertools.islice(iterate_chunks(streams, chunk_len), skip, None)
+      for chunk, (inputs, targets) in enumerate(chunks, skip + 1):
         state, metrics = trainer.update(state, inputs, targets)
-        loss = np.asarray(metrics.loss)  # waits for the call to finish
+        metrics = jax.device_get(metrics)  # waits for the call to finish
         if first_call_seconds is None:  # init, compilation and the first call
           first_call_seconds = time.perf_counter() - start
           first_call_train_seconds = time.perf_counter() - epoch_start
-        epoch_losses.append(loss)
-        epoch_metrics.append(jax.device_get(metrics))
+          first_call_updates = len(metrics.loss)
+        log.append(metrics)
+        epoch_updates = len(log) - first_update
+        epoch_seconds = seconds_before + time.perf_counter() - epoch_start
         bar.set_description(f"epoch {epoch}/{epochs}", refresh=False)
-        seconds = time.perf_counter() - epoch_start
         bar.set_postfix(
-          loss=f"{loss[-1]:.3f}",
-          ppl=f"{np.exp(loss[-1]):.1f}",
-          tok_s=f"{sum(map(len, epoch_losses)) * k1 * batch_size / seconds:,.0f}",
+          loss=f"{metrics.loss[-1]:.3f}",
+          ppl=f"{np.exp(metrics.loss[-1]):.1f}",
+          tok_s=f"{epoch_updates * k1 * batch_size / epoch_seconds:,.0f}",
           refresh=False,
         )
-        bar.update(len(loss))
-      train_seconds = time.perf_counter() - epoch_start
-      epoch_losses = np.concatenate(epoch_losses)
-      losses.append(epoch_losses)
+        bar.update(len(metrics.loss))
+        here = {
+          **position,
+          "epoch": epoch,
+          "chunk": chunk,
+          "epoch_start": first_update,
+          "epoch_seconds": epoch_seconds,
+          "updates": len(log),
+          "seconds": position["seconds"] + time.perf_counter() - start,
+          "history": history,
+        }
+        status = saves.after_call(state, here, metrics, interrupts, guard, bar.write)
+        if status is not None:
+          return status
+      run_train_seconds += time.perf_counter() - epoch_start
+      train_seconds = seconds_before + time.perf_counter() - epoch_start
+      epoch_metrics = log.joined(first_update)
       valid = evaluate(state.params, corpus.valid)
       record = {
         "epoch": epoch,
         "lr": lr,
         # Updates are means over equal blocks but the last: weight by steps.
-        "train_loss": lm.epoch_loss(epoch_losses, streams.shape[1] - 1, k1),
+        "train_loss": lm.epoch_loss(epoch_metrics.loss, streams.shape[1] - 1, k1),
         "valid_loss": valid.loss,
         "valid_ppl": valid.perplexity,
         "train_seconds": round(train_seconds, 3),
-        "seconds": round(time.perf_counter() - epoch_start, 3),
+        "seconds": round(seconds_before + time.perf_counter() - epoch_start, 3),
         "tokens_per_s": round((streams.shape[1] - 1) * batch_size / train_seconds, 1),
-        **_gradient_summary(_joined(epoch_metrics)),
+        **_gradient_summary(epoch_metrics),
       }
       record["train_ppl"] = math.exp(record["train_loss"])
       history.append(record)
       if best is None or valid.loss < best[0]:
         # A host copy: the next update donates the state's buffers.
         best = (valid.loss, epoch, jax.tree.map(np.array, state.params))
+        saves.save(state, {"epoch": epoch, "valid_loss": valid.loss}, name="best")
       bar.write(
         f"epoch {epoch:3d}  lr {lr:.4g}  train ppl {record['train_ppl']:8.2f}  "
         f"valid ppl {valid.perplexity:8.2f}  {record['tokens_per_s']:,.0f} tokens/s",
@@ -416,15 +511,33 @@ def _train_lm(args: argparse.Namespace) -> int:
       sys.stdout.flush()  # a log that is followed live, e.g. redirected to a file
       if out is not None:
         _append_jsonl(os.path.join(out, "metrics.jsonl"), record)
+      position = {
+        "epoch": epoch + 1,
+        "chunk": 0,
+        "epoch_start": len(log),
+        "epoch_seconds": 0.0,
+        "updates": len(log),
+        "seconds": position["seconds"] + time.perf_counter() - start,
+        "history": history,
+        "best": {"valid_loss": best[0], "epoch": best[1]},
+      }
+      start = time.perf_counter()
+      saves.save(state, position)  # every epoch's end
+      if interrupts.signal is not None:
+        return saves.interrupted(state, position, interrupts)
   _, best_epoch, best_params = best
   test = evaluate(best_params, corpus.test)
-  seconds = time.perf_counter() - start
-  losses = np.concatenate(losses)
+  seconds = position["seconds"] + time.perf_counter() - start
+  losses = log.joined().loss
   tokens = epochs * (streams.shape[1] - 1) * batch_size
   train_seconds = sum(r["train_seconds"] for r in history)
-  # Throughput without compilation: the training calls after the first.
-  first_call_tokens = min(chunk_len, streams.shape[1] - 1) * batch_size
-  after_first_call = (tokens - first_call_tokens) / (train_seconds - first_call_train_seconds)
+  # Throughput without compilation: this process's training calls after its first.
+  after_first_call = None
+  if run_train_seconds > first_call_train_seconds:
+    steady_updates = len(log) - updates_at_start - first_call_updates
+    after_first_call = round(
+      steady_updates * k1 * batch_size / (run_train_seconds - first_call_train_seconds), 1
+    )
   summary = {
     "task": "lm",
     "data": os.path.abspath(args.data),
@@ -451,9 +564,9 @@ def _train_lm(args: argparse.Namespace) -> int:
     "steps": int(state.step),
     "tokens": tokens,
     "seconds": round(seconds, 3),
-    "first_call_seconds": round(first_call_seconds, 3),
+    "first_call_seconds": None if first_call_seconds is None else round(first_call_seconds, 3),
     "tokens_per_s": round(tokens / seconds, 1),
-    "tokens_per_s_after_first_call": round(after_first_call, 1),
+    "tokens_per_s_after_first_call": after_first_call,
     "train_tokens_per_s": round(tokens / train_seconds, 1),
     "final_loss": round(float(losses[-max(1, len(losses) // 10) :].mean()), 5),
     "best_epoch": best_epoch,
@@ -477,10 +590,160 @@ def _train_lm(args: argparse.Namespace) -> int:
     extra = {"vocabulary": {"tokens": list(vocab.tokens), "level": vocab.level, "unk": vocab.unk}}
     lm.save_model(os.path.join(out, "model.msgpack"), config, best_params, extra)
     _files.atomic_write(os.path.join(out, "summary.json"), json.dumps(summary, indent=2))
-    print(f"wrote {out}/model.msgpack (best valid), metrics.jsonl, summary.json")
+    print(
+      f"wrote {out}/model.msgpack (best valid), metrics.jsonl, updates.csv, summary.json, "
+      "checkpoints/"
+    )
   if args.json:
     print(json.dumps(summary))
   return 0
+
+
+class _Resume(NamedTuple):
+  """The checkpoint a resumed run continues from."""
+
+  path: str
+  meta: dict  # the run's position: calls, updates, epoch, ..., and "args"
+
+
+class _RunStopped(Exception):
+  """A run that cannot go on (non-finite gradients): one line, a non-zero status."""
+
+  def __init__(self, status: int, message: str) -> None:
+    super().__init__(message)
+    self.status, self.message = status, message
+
+
+def _resume_point(args: argparse.Namespace) -> _Resume | None:
+  """With --resume, the last checkpoint in --out, `args` completed from it; else None."""
+  folder = None if args.out is None else os.path.join(args.out, "checkpoints")
+  if not args.resume:
+    if folder is not None and checkpoint.latest_checkpoint(folder) is not None:
+      raise ValueError(
+        f"--out {args.out!r} holds the checkpoints of another run: continue it with --resume, "
+        "or choose another --out"
+      )
+    return None
+  if folder is None:
+    raise ValueError("--resume needs --out DIR, the folder of the run to continue")
+  path = checkpoint.latest_checkpoint(folder)
+  if path is None:
+    raise ValueError(f"--resume: no checkpoint in {folder!r}")
+  meta = checkpoint.read_meta(path)
+  if not isinstance(meta.get("args"), dict):
+    raise ValueError(f"--resume: {path!r} holds no run settings")
+  defaults = _parser().parse_args(["train"])
+  _session.resume_arguments(args, defaults, meta["args"], path)
+  return _Resume(path, meta)
+
+
+class _Checkpoints:
+  """Where and when a command-line run saves: every --save-every updates, at the end of
+  each epoch and of the run, on SIGINT / SIGTERM, and when it stops on NaN gradients."""
+
+  def __init__(self, out: str | None, args: argparse.Namespace) -> None:
+    self.folder = None if out is None else os.path.join(out, "checkpoints")
+    self.out = out
+    self.run_args = _session.run_arguments(args)
+    self.every, self.keep = args.save_every, args.keep
+
+  def restore(
+    self, resume: _Resume | None, trainer: Trainer, key: jax.Array, example: Any
+  ) -> TrainState:
+    """A fresh state, or the resumed run's, checked against this run's configuration."""
+    if resume is None:
+      return trainer.init(key, example)
+    state = checkpoint.load_checkpoint(resume.path, self._like(trainer, key, example)).state
+    print(f"resuming from {resume.path}", file=sys.stderr)
+    return state
+
+  def restore_best(self, trainer: Trainer, key: jax.Array, example: Any) -> TrainState:
+    path = os.path.join(self.folder, "best" + checkpoint.SUFFIX)
+    return checkpoint.load_checkpoint(path, self._like(trainer, key, example)).state
+
+  def save(self, state: TrainState, position: dict, name: str | None = None) -> str | None:
+    if self.folder is None:
+      return None
+    meta = {"args": self.run_args, **position}
+    return checkpoint.save_checkpoint(self.folder, state, meta, keep=self.keep, name=name)
+
+  def after_call(
+    self,
+    state: TrainState,
+    position: dict,
+    metrics: UpdateMetrics,
+    interrupts: _session.Interrupts,
+    guard: _NonfiniteGuard,
+    write: Any,
+  ) -> int | None:
+    """Saves when due; the exit status if the run must stop here, else None."""
+    problem = guard.observe(metrics, position["updates"], write)
+    if problem is not None:
+      path = self.save(state, position)
+      saved = f"; saved {path}" if path else ""
+      raise _RunStopped(1, problem + saved)
+    done, saved = position["updates"], None
+    if done // self.every > (done - len(metrics.loss)) // self.every:
+      saved = self.save(state, position)
+    if interrupts.signal is not None:  # perhaps received during that save
+      return self.interrupted(state, position, interrupts, saved)
+    return None
+
+  def interrupted(
+    self,
+    state: TrainState,
+    position: dict,
+    interrupts: _session.Interrupts,
+    saved: str | None = None,
+  ) -> int:
+    path = saved or self.save(state, position)
+    where = f"stopped after update {position['updates']}"
+    if path is None:
+      print(f"{PROG}: {interrupts.name}: {where}; nothing saved (no --out)", file=sys.stderr)
+    else:
+      print(
+        f"{PROG}: {interrupts.name}: {where}; saved {path}; continue with "
+        f"`{PROG} train --out {self.out} --resume`",
+        file=sys.stderr,
+      )
+    return interrupts.status
+
+  @staticmethod
+  def _like(trainer: Trainer, key: jax.Array, example: Any) -> Any:
+    return jax.eval_shape(trainer.init, key, example)
+
+
+class _NonfiniteGuard:
+  """Reports the first NaN/inf loss and gradient, and stops a run after too many in a row.
+
+  The trainer already skips every update whose gradient is not finite
+  (`skip_nonfinite`), so the parameters stay those of the last good update.
+  """
+
+  def __init__(self, limit: int) -> None:
+    self.limit, self.streak = limit, 0
+    self.seen_loss = self.seen_gradient = False
+
+  def observe(self, metrics: UpdateMetrics, last_update: int, write: Any) -> str | None:
+    first = last_update - len(metrics.loss) + 1
+    bad_loss = np.flatnonzero(~np.isfinite(metrics.loss))
+    if bad_loss.size and not self.seen_loss:
+      self.seen_loss = True
+      write(f"update {first + bad_loss[0]}: the loss is {metrics.loss[bad_loss[0]]}", sys.stderr)
+    for i, bad in enumerate(metrics.nonfinite):
+      self.streak = self.streak + 1 if bad else 0
+      if bad and not self.seen_gradient:
+        self.seen_gradient = True
+        write(
+          f"update {first + i}: the gradient holds NaN or inf; update skipped, parameters kept",
+          sys.stderr,
+        )
+      if self.streak >= self.limit:
+        return (
+          f"{self.streak} updates in a row (to update {first + i}) had NaN or inf gradients "
+          f"(--max-nonfinite {self.limit}); the parameters are those before them"
+        )
+    return None
 
 
 def _pick(value: Any, default: Any) -> Any:
@@ -560,11 +823,6 @@ def _prepare_out(out: str | None) -> str | None:
   return out
 
 
-def _joined(calls: list[UpdateMetrics]) -> UpdateMetrics:
-  """The metrics of several `update` calls as one run of updates."""
-  return UpdateMetrics(*(np.concatenate(field) for field in zip(*calls, strict=True)))
-
-
 def _gradient_summary(metrics: UpdateMetrics) -> dict:
   """What the updates' gradients did: their median norm, how often clipping and NaN/inf hit."""
   return {
@@ -574,14 +832,8 @@ def _gradient_summary(metrics: UpdateMetrics) -> dict:
   }
 
 
-def _write_outputs(out: str, summary: dict, metrics: UpdateMetrics, params: Any) -> None:
-  table = io.StringIO()
-  writer = csv.writer(table)
-  writer.writerow(["update", *UpdateMetrics._fields])
-  columns = [a.tolist() for a in metrics]
-  writer.writerows(zip(range(1, len(metrics.loss) + 1), *columns, strict=True))
+def _write_outputs(out: str, summary: dict, params: Any) -> None:
   _files.atomic_write(os.path.join(out, "summary.json"), json.dumps(summary, indent=2))
-  _files.atomic_write(os.path.join(out, "metrics.csv"), table.getvalue())
   _files.atomic_write(
     os.path.join(out, "params.msgpack"), flax.serialization.to_bytes(jax.device_get(params))
   )
