@@ -344,8 +344,9 @@ def truncation_bias(
     inputs: leaves `[batch, T, ...]`.
     targets: leaves `[batch, T, ...]`.
     k2s: the truncation lengths to measure, each >= 1.
-    k1: steps per update; default k2 for each k2 (chunked TBPTT in window
-      style). In per-loss style the gradient does not depend on k1.
+    k1: steps per update; default k2 for each k2 in window style (chunked
+      TBPTT), and T in per-loss style, whose gradient does not depend on k1
+      (T compiles one block shape per k2, not two).
     style: `"per_loss"` (each l_t through exactly its last k2 steps) or
       `"window"` (see `tbptt_jax.truncation`).
     carry: the carry entering step 1; default the model's initial carry.
@@ -364,6 +365,8 @@ def truncation_bias(
   carry = _initial_carry(where, model, inputs, carry, batch)
   for k2 in k2s:
     _checks.truncation(where, k2 if k1 is None else k1, k2, style)
+  if k1 is None and style == "per_loss":
+    k1 = time
 
   def flat(k1, k2, style):
     grads = _sequence_gradient(model, loss_fn, k1, k2, style, params, carry, inputs, targets)
@@ -429,7 +432,12 @@ def estimated_bias(beta: float, k2: Any) -> Any:
 
   With per-lag norms phi_k = phi_0 beta^k, truncation at k2 drops the lags
   k >= k2, whose total is phi_0 sum_{k >= k2} beta^k = phi_0 beta^k2 / (1 - beta)
-  (Aicher, Foti & Fox 2019). Infinite when beta >= 1: nothing decays.
+  (Aicher, Foti & Fox 2019): the bias in units of the lag-0 norm. It bounds
+  the gradient's relative error by the triangle inequality, and is usually
+  loose: the dropped contributions partly cancel, and real norms often fall
+  faster over the first lags than one fitted beta says
+  (`notebooks/vanishing_exploding.ipynb` measures both on a PTB model).
+  Infinite when beta >= 1: nothing decays.
   """
   k2 = np.asarray(k2, np.float64)
   if not beta < 1:

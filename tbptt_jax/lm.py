@@ -352,6 +352,7 @@ def evaluator(
     return run.carry, jnp.sum(jax.vmap(cross_entropy)(logits, time_major(targets)))
 
   def evaluate(params: Any, tokens: Any) -> Evaluation:
+    _check_token_ids(where, "tokens", tokens, _vocab_size(model, params))
     streams = batchify(tokens, batch_size)
     if streams.shape[1] < 2:
       raise ValueError(
@@ -398,10 +399,35 @@ def sample(
   prompt = np.asarray(prompt)
   if prompt.ndim != 1 or len(prompt) < 1:
     raise ValueError(f"{where}: prompt must be a 1-D array of one or more ids, got {prompt!r}")
+  _check_token_ids(where, "prompt", prompt, _vocab_size(model, params))
   length = _checks.positive_int(where, "length", length)
   if not temperature > 0:
     raise ValueError(f"{where}: temperature must be > 0, got {temperature!r}")
   return np.asarray(_sample(model, params, jnp.asarray(prompt), length, rng, temperature))[:, 0]
+
+
+def _vocab_size(model: Cell, params: Any) -> int:
+  """The number of classes the model scores: the size of its logits."""
+  x_t = (jax.ShapeDtypeStruct((1,), jnp.int32), None)
+
+  def logits(params, x_t):
+    _, y_t = model.apply(params, model.initial_carry(x_t), x_t)
+    return y_t if model.head is None else model.head(params, y_t)
+
+  return jax.eval_shape(logits, params, x_t).shape[-1]
+
+
+def _check_token_ids(where: str, name: str, tokens: Any, vocab_size: int) -> None:
+  """Token ids index the embedding and the logits: out of range, JAX would clamp them."""
+  tokens = np.asarray(tokens)
+  if not np.issubdtype(tokens.dtype, np.integer):
+    raise ValueError(f"{where}: {name} must be integer token ids, got dtype {tokens.dtype}")
+  if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size):
+    bad = tokens[(tokens < 0) | (tokens >= vocab_size)][0]
+    raise ValueError(
+      f"{where}: {name} must be ids in [0, {vocab_size}) for this model's vocabulary, "
+      f"got {bad}"
+    )
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3, 5))

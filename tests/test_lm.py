@@ -244,6 +244,16 @@ def test_sample_is_reproducible_and_in_range():
     (lambda: lm.sample(*init(config()), [], 3, jax.random.key(0)), "prompt must be"),
     (lambda: lm.sample(*init(config()), [1], 3, jax.random.key(0), temperature=0), "temperature"),
     (lambda: lm.zaremba_sgd(0, 1.0, 5.0), "k must be an integer >= 1"),
+    # Out-of-range ids would be clamped by the embedding and the loss: a silent wrong answer.
+    (lambda: lm.sample(*init(config()), [1, VOCAB], 3, jax.random.key(0)), f"got {VOCAB}"),
+    (
+      lambda: lm.evaluator(lm.language_model(config()))(init(config())[1], np.arange(-1, 5)),
+      rf"tokens must be ids in \[0, {VOCAB}\) for this model's vocabulary, got -1",
+    ),
+    (
+      lambda: lm.evaluator(lm.language_model(config()))(init(config())[1], np.ones(5)),
+      "tokens must be integer token ids, got dtype float64",
+    ),
   ],
 )
 def test_bad_input(call, message):
