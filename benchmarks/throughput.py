@@ -59,8 +59,8 @@ PRESETS = {
 }
 
 
-def jax_runner(p: Preset, tokens: np.ndarray):
-  """A function running one round of `updates_per_round` updates with tbptt_jax."""
+def jax_trainer(p: Preset, unroll: int | bool = 1) -> tj.Trainer:
+  """The preset's tbptt_jax trainer (`unroll` is passed to the scan over time)."""
   if p.cell == "elman":
     model = synthetic.model(tj.elman(p.hidden))
     optimizer = optax.adam(p.lr)
@@ -72,7 +72,12 @@ def jax_runner(p: Preset, tokens: np.ndarray):
     optimizer = lm.zaremba_sgd(p.k, p.lr, p.clip)
     loss_fn = lm.cross_entropy
     step_rngs = True
-  trainer = tj.tbptt_trainer(model, loss_fn, optimizer, k1=p.k, step_rngs=step_rngs)
+  return tj.tbptt_trainer(model, loss_fn, optimizer, k1=p.k, step_rngs=step_rngs, unroll=unroll)
+
+
+def jax_runner(p: Preset, tokens: np.ndarray):
+  """A function running one round of `updates_per_round` updates with tbptt_jax."""
+  trainer = jax_trainer(p)
   steps = p.k * p.updates_per_round
   inputs, targets = tokens[:, :steps], tokens[:, 1 : steps + 1]
   state = trainer.init(jax.random.key(0), inputs[:, : p.k])

@@ -432,10 +432,12 @@ def estimated_bias(beta: float, k2: Any) -> Any:
 
   With per-lag norms phi_k = phi_0 beta^k, truncation at k2 drops the lags
   k >= k2, whose total is phi_0 sum_{k >= k2} beta^k = phi_0 beta^k2 / (1 - beta)
-  (Aicher, Foti & Fox 2019): the bias in units of the lag-0 norm. It bounds
-  the gradient's relative error by the triangle inequality, and is usually
-  loose: the dropped contributions partly cancel, and real norms often fall
-  faster over the first lags than one fitted beta says
+  (Aicher, Foti & Fox 2019): the bias in units of the lag-0 norm. For the
+  norms of the parameter contributions (`LagProfile.param_norms`) decaying
+  exactly so, the triangle inequality makes it a bound on
+  ||g_k2 - g_full|| / phi_0; in practice it is usually loose: the dropped
+  contributions partly cancel, and real norms often fall faster over the
+  first lags than one fitted beta says
   (`notebooks/vanishing_exploding.ipynb` measures both on a PTB model).
   Infinite when beta >= 1: nothing decays.
   """
