@@ -10,6 +10,7 @@ long sequence in order. Modules, one idea each:
   truncation  TBPTT(k1, k2), window and per-loss styles: `tbptt_gradients`
   streams     parallel streams of one long sequence: `batchify`, chunks
   train       the optax-style training factory `tbptt_trainer`
+  checkpoint  whole-run checkpoints, atomic and checksummed
   diagnostics per-lag gradient norms, Jacobian products, truncation bias
   plots       figures of the diagnostics and training metrics (matplotlib)
   data        word- and character-level corpora and vocabularies
@@ -22,7 +23,7 @@ as `truncation.block_gradients`, `truncation.scan_blocks`, `unroll.scan_steps`)
 are the engine's building blocks, documented for those who extend it.
 """
 
-from tbptt_jax import data, diagnostics, lm, plots, synthetic
+from tbptt_jax import checkpoint, data, diagnostics, lm, plots, synthetic
 from tbptt_jax.cells import CELL_NAMES as CELL_NAMES
 from tbptt_jax.cells import Cell as Cell
 from tbptt_jax.cells import ElmanParams as ElmanParams
@@ -55,6 +56,7 @@ __all__ = (
   "UpdateMetrics",
   "batchify",
   "cell_by_name",
+  "checkpoint",
   "data",
   "diagnostics",
   "elman",
