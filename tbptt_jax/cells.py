@@ -101,6 +101,19 @@ def elman_step(
   References:
     Elman, "Finding Structure in Time", Cognitive Science 14, 1990.
   """
+  # Checked at trace time, free under jit: a [batch] step (no feature axis) would
+  # otherwise broadcast through the product as one feature vector shared by all streams.
+  in_features, hidden = params.U.shape
+  if jnp.ndim(x_t) != 2 or jnp.shape(x_t)[1] != in_features:
+    raise ValueError(
+      f"elman: each input step must have shape [batch, in_features={in_features}], "
+      f"got {jnp.shape(x_t)}"
+    )
+  if jnp.shape(s_tm1) != (jnp.shape(x_t)[0], hidden):
+    raise ValueError(
+      f"elman: the state must have shape [batch, hidden] = {[jnp.shape(x_t)[0], hidden]}, "
+      f"got {list(jnp.shape(s_tm1))}"
+    )
   s_t = activation(x_t @ params.U + s_tm1 @ params.W + params.b)
   return s_t, s_t
 
