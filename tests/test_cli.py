@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -11,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from tbptt_jax import cli
+from tbptt_jax import checkpoint, cli
 
 SUMMARY_KEYS = {
   "task",
@@ -158,8 +159,9 @@ def test_out_must_be_a_folder(tmp_path, capsys):
 LM_SUMMARY_KEYS = SUMMARY_KEYS | {"valid_ppl", "test_ppl", "epochs"}
 
 
-def test_language_model_train_then_eval(shared_data, tmp_path, capsys):
-  """`train --task lm` on a PTB subset writes a model file that `eval` scores identically."""
+def test_language_model_train_then_eval_and_resume(shared_data, tmp_path, capsys, monkeypatch):
+  """`train --task lm` on a PTB subset writes a model file that `eval` scores identically, and
+  the run stopped mid-epoch and resumed ends bit-identical."""
   out = tmp_path / "lm"
   argv = ["train", "--task", "lm", "--data", str(shared_data / "ptb"), "--train-tokens", "3000"]
   argv += ["--epochs", "2", "--hidden", "8", "--layers", "1", "--k1", "10", "--batch-size", "4"]
@@ -191,6 +193,30 @@ def test_language_model_train_then_eval(shared_data, tmp_path, capsys):
   result = json.loads(stdout.strip().splitlines()[-1])
   assert (result["split"], result["tokens"]) == ("test", 10 * (82_430 // 10 - 1))
   assert result["ppl"] == pytest.approx(summary["test_ppl"], rel=1e-4)
+
+  # The same run stopped by SIGTERM mid-epoch (during its first checkpoint, at update 30, in
+  # epoch 1 of 75 updates), then resumed: the same model file and per-update log, bit for bit.
+  stopped = tmp_path / "stopped"
+  argv[argv.index(str(out))] = str(stopped)
+  save = checkpoint.save_checkpoint
+
+  def save_then_signal(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGTERM)  # handled by the run: it saves, then stops
+    return save(*args, **kwargs)
+
+  monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_signal)
+  status, _, stderr = run([*argv, "--save-every", "30"], capsys)
+  assert status == 143 and "SIGTERM: stopped after update 30" in stderr, stderr
+  monkeypatch.setattr(checkpoint, "save_checkpoint", save)
+  status, _, stderr = run(["train", "--out", str(stopped), "--resume"], capsys)
+  assert status == 0, stderr
+  for name in ("model.msgpack", "updates.csv"):
+    assert (stopped / name).read_bytes() == (out / name).read_bytes(), name
+  resumed = [json.loads(line) for line in (stopped / "metrics.jsonl").read_text().splitlines()]
+  timing = ("train_seconds", "seconds", "tokens_per_s")
+  assert [{k: v for k, v in r.items() if k not in timing} for r in resumed] == [
+    {k: v for k, v in r.items() if k not in timing} for r in records
+  ]
 
 
 def test_character_level_run_reports_bits_per_character(shared_data, capsys):
