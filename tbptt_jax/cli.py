@@ -158,6 +158,9 @@ def _parser() -> argparse.ArgumentParser:
   lm_flags.add_argument(
     "--eval-batch-size", type=pos_int, default=10, help="streams in evaluation (default 10)"
   )
+  lm_flags.add_argument(
+    "--eval-tokens", type=pos_int, help="evaluate on the first N tokens of valid and test only"
+  )
   train.set_defaults(run=_train)
 
   evaluate = commands.add_parser(
@@ -174,6 +177,9 @@ def _parser() -> argparse.ArgumentParser:
   )
   evaluate.add_argument(
     "--eval-batch-size", type=pos_int, default=10, help="streams in evaluation (default 10)"
+  )
+  evaluate.add_argument(
+    "--eval-tokens", type=pos_int, help="evaluate on the first N tokens of the split only"
   )
   evaluate.add_argument("--json", action="store_true", help="end stdout with a JSON summary line")
   evaluate.set_defaults(run=_eval)
@@ -221,6 +227,7 @@ def _train(args: argparse.Namespace) -> int:
     ("--dropout", "dropout"),
     ("--init-scale", "init_scale"),
     ("--train-tokens", "train_tokens"),
+    ("--eval-tokens", "eval_tokens"),
     ("--decay-after", "decay_after"),
     ("--lr-decay", "lr_decay"),
   ):
@@ -355,6 +362,9 @@ def _train_lm(args: argparse.Namespace, resume: _Resume | None) -> int:
 
   corpus = read_corpus(args.data, args.level)
   train_tokens = corpus.train if args.train_tokens is None else corpus.train[: args.train_tokens]
+  valid_tokens, test_tokens = corpus.valid, corpus.test
+  if args.eval_tokens is not None:
+    valid_tokens, test_tokens = valid_tokens[: args.eval_tokens], test_tokens[: args.eval_tokens]
   if len(train_tokens) < 2 * batch_size:
     raise ValueError(
       f"--batch-size {batch_size} needs at least {2 * batch_size} training tokens, "
@@ -389,12 +399,12 @@ def _train_lm(args: argparse.Namespace, resume: _Resume | None) -> int:
     step_rngs=True,
   )
   evaluate = lm.evaluator(model, batch_size=args.eval_batch_size)
-  _check_eval_split(corpus.valid, args.eval_batch_size, "valid")
-  _check_eval_split(corpus.test, args.eval_batch_size, "test")
+  _check_eval_split(valid_tokens, args.eval_batch_size, "valid")
+  _check_eval_split(test_tokens, args.eval_batch_size, "test")
 
   print(
     f"lm: {args.data} ({args.level} level, vocabulary {len(corpus.vocab):,}, "
-    f"{len(train_tokens):,} / {len(corpus.valid):,} / {len(corpus.test):,} tokens); "
+    f"{len(train_tokens):,} / {len(valid_tokens):,} / {len(test_tokens):,} tokens); "
     f"{config.cell} x{config.layers} state {config.hidden}, dropout {config.dropout}, "
     f"batch {batch_size}, TBPTT(k1={k1}, k2={k2}, {args.style}), {optimizer_name} "
     f"lr {schedule(0):g}, clip {clip}, {epochs} epochs of {updates_per_epoch} updates",
@@ -484,7 +494,7 @@ def _train_lm(args: argparse.Namespace, resume: _Resume | None) -> int:
       run_train_seconds += time.perf_counter() - epoch_start
       train_seconds = seconds_before + time.perf_counter() - epoch_start
       epoch_metrics = log.joined(first_update)
-      valid = evaluate(state.params, corpus.valid)
+      valid = evaluate(state.params, valid_tokens)
       record = {
         "epoch": epoch,
         "lr": lr,
@@ -526,7 +536,7 @@ def _train_lm(args: argparse.Namespace, resume: _Resume | None) -> int:
       if interrupts.signal is not None:
         return saves.interrupted(state, position, interrupts)
   _, best_epoch, best_params = best
-  test = evaluate(best_params, corpus.test)
+  test = evaluate(best_params, test_tokens)
   seconds = position["seconds"] + time.perf_counter() - start
   losses = log.joined().loss
   tokens = epochs * (streams.shape[1] - 1) * batch_size
@@ -574,6 +584,7 @@ def _train_lm(args: argparse.Namespace, resume: _Resume | None) -> int:
     "test_ppl": round(test.perplexity, 3),
     "test_bits_per_token": round(test.bits_per_token, 4),
     "eval_batch_size": args.eval_batch_size,
+    "eval_tokens": args.eval_tokens,
     # Zaremba et al.'s perplexities are for PTB words only.
     "reference": {"valid_ppl": preset.valid_ppl, "test_ppl": preset.test_ppl}
     if args.level == "word" and os.path.isfile(os.path.join(args.data, "ptb.train.txt"))
@@ -777,7 +788,7 @@ def _eval(args: argparse.Namespace) -> int:
       f"{config.vocab_size}"
     )
   corpus = read_corpus(args.data, vocab.level, vocab=vocab)
-  tokens = getattr(corpus, args.split)
+  tokens = getattr(corpus, args.split)[: args.eval_tokens]
   _check_eval_split(tokens, args.eval_batch_size, args.split)
   start = time.perf_counter()
   result = lm.evaluator(lm.language_model(config), batch_size=args.eval_batch_size)(params, tokens)

@@ -425,8 +425,7 @@ def _check_token_ids(where: str, name: str, tokens: Any, vocab_size: int) -> Non
   if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size):
     bad = tokens[(tokens < 0) | (tokens >= vocab_size)][0]
     raise ValueError(
-      f"{where}: {name} must be ids in [0, {vocab_size}) for this model's vocabulary, "
-      f"got {bad}"
+      f"{where}: {name} must be ids in [0, {vocab_size}) for this model's vocabulary, got {bad}"
     )
 
 

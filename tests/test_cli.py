@@ -165,7 +165,10 @@ def test_language_model_train_then_eval_and_resume(shared_data, tmp_path, capsys
   out = tmp_path / "lm"
   argv = ["train", "--task", "lm", "--data", str(shared_data / "ptb"), "--train-tokens", "3000"]
   argv += ["--epochs", "2", "--hidden", "8", "--layers", "1", "--k1", "10", "--batch-size", "4"]
-  argv += ["--updates-per-call", "30", "--dropout", "0.1", "--out", str(out), "--json"]
+  # 75 updates per call: one call per epoch, one shape to compile; the first 20,000 tokens of
+  # valid and test.
+  argv += ["--updates-per-call", "75", "--dropout", "0.1", "--eval-tokens", "20000"]
+  argv += ["--out", str(out), "--json"]
   status, stdout, stderr = run(argv, capsys)
   assert status == 0, stderr
   summary = json.loads(stdout.strip().splitlines()[-1])
@@ -187,15 +190,17 @@ def test_language_model_train_then_eval_and_resume(shared_data, tmp_path, capsys
   assert not [p for p in os.listdir(out) if p.endswith(".tmp")]
 
   status, stdout, stderr = run(
-    ["eval", "--data", str(shared_data / "ptb"), "--checkpoint", str(out), "--json"], capsys
+    ["eval", "--data", str(shared_data / "ptb"), "--checkpoint", str(out), "--json"]
+    + ["--eval-tokens", "20000"],
+    capsys,
   )
   assert status == 0, stderr
   result = json.loads(stdout.strip().splitlines()[-1])
-  assert (result["split"], result["tokens"]) == ("test", 10 * (82_430 // 10 - 1))
+  assert (result["split"], result["tokens"]) == ("test", 10 * (20_000 // 10 - 1))
   assert result["ppl"] == pytest.approx(summary["test_ppl"], rel=1e-4)
 
-  # The same run stopped by SIGTERM mid-epoch (during its first checkpoint, at update 30, in
-  # epoch 1 of 75 updates), then resumed: the same model file and per-update log, bit for bit.
+  # The same run stopped by SIGTERM in epoch 1 (during its first checkpoint, after its training
+  # call, before its validation), then resumed: the same model file and logs, bit for bit.
   stopped = tmp_path / "stopped"
   argv[argv.index(str(out))] = str(stopped)
   save = checkpoint.save_checkpoint
@@ -206,7 +211,7 @@ def test_language_model_train_then_eval_and_resume(shared_data, tmp_path, capsys
 
   monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_signal)
   status, _, stderr = run([*argv, "--save-every", "30"], capsys)
-  assert status == 143 and "SIGTERM: stopped after update 30" in stderr, stderr
+  assert status == 143 and "SIGTERM: stopped after update 75" in stderr, stderr
   monkeypatch.setattr(checkpoint, "save_checkpoint", save)
   status, _, stderr = run(["train", "--out", str(stopped), "--resume"], capsys)
   assert status == 0, stderr

@@ -52,7 +52,7 @@ def test_signals_and_kills_mid_run_and_mid_save_then_resume_exactly(tmp_path, ca
 
   # 1. SIGTERM mid-run (during the first checkpoint's write): the run finishes that call,
   #    saves, says how to continue and exits 128 + 15.
-  run = start(out, pause=1.0)
+  run = start(out, pause=0.5)
   wait_for(folder / "step_0000000010.ckpt.tmp", run)
   run.send_signal(signal.SIGTERM)
   status, err = finish(run)
@@ -61,7 +61,7 @@ def test_signals_and_kills_mid_run_and_mid_save_then_resume_exactly(tmp_path, ca
   assert checkpoint.latest_checkpoint(folder).endswith("step_0000000010.ckpt")
 
   # 2. SIGKILL in the middle of the next checkpoint's write: the previous one stays intact.
-  run = start(out, "--resume", pause=1.0)
+  run = start(out, "--resume", pause=0.5)
   wait_for(folder / "step_0000000020.ckpt.tmp", run)
   run.kill()
   status, _ = finish(run)
@@ -71,7 +71,7 @@ def test_signals_and_kills_mid_run_and_mid_save_then_resume_exactly(tmp_path, ca
 
   # 3. SIGINT twice mid-save: the second one exits at once, without saving.
   os.remove(folder / "step_0000000020.ckpt.tmp")  # so that the next write can be seen
-  run = start(out, "--resume", pause=1.5)
+  run = start(out, "--resume", pause=1.0)
   wait_for(folder / "step_0000000020.ckpt.tmp", run)
   time.sleep(0.2)  # the write has started again
   run.send_signal(signal.SIGINT)
