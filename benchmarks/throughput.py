@@ -12,7 +12,7 @@ number of tokens after a warm-up; the table reports the medians of the rounds.
   medium  2-layer LSTM 650, vocabulary 10,000, batch 20, k 35, SGD, clip, dropout 0.5
   r2rt    Elman state 16, 2 classes, batch 200, k 10, Adam (latency-bound)
 
-  python benchmarks/throughput.py --preset small [--seconds 60] [--json]
+  python benchmarks/throughput.py --preset small [--seconds 60] [--unroll 1|N|full] [--json]
 
 PyTorch is optional (`pip install torch`); without it the baseline is reported
 as missing, never estimated.
@@ -75,9 +75,9 @@ def jax_trainer(p: Preset, unroll: int | bool = 1) -> tj.Trainer:
   return tj.tbptt_trainer(model, loss_fn, optimizer, k1=p.k, step_rngs=step_rngs, unroll=unroll)
 
 
-def jax_runner(p: Preset, tokens: np.ndarray):
+def jax_runner(p: Preset, tokens: np.ndarray, unroll: int | bool = 1):
   """A function running one round of `updates_per_round` updates with tbptt_jax."""
-  trainer = jax_trainer(p)
+  trainer = jax_trainer(p, unroll)
   steps = p.k * p.updates_per_round
   inputs, targets = tokens[:, :steps], tokens[:, 1 : steps + 1]
   state = trainer.init(jax.random.key(0), inputs[:, : p.k])
@@ -148,11 +148,11 @@ def torch_runner(p: Preset, tokens: np.ndarray):
   return round_, torch.__version__
 
 
-def measure(preset_name: str, seconds: float, min_rounds: int = 5):
+def measure(preset_name: str, seconds: float, min_rounds: int = 5, unroll: int | bool = 1):
   p = PRESETS[preset_name]
   rng = np.random.default_rng(0)
   tokens = rng.integers(0, p.vocab, (p.batch, p.k * p.updates_per_round + 1)).astype(np.int32)
-  runners = {"tbptt_jax": jax_runner(p, tokens)}
+  runners = {"tbptt_jax": jax_runner(p, tokens, unroll)}
   baseline = torch_runner(p, tokens)
   torch_version = None
   if baseline is not None:
@@ -173,6 +173,7 @@ def measure(preset_name: str, seconds: float, min_rounds: int = 5):
     "preset": preset_name,
     "settings": p._asdict(),
     "device": str(jax.devices()[0]),
+    "unroll": unroll,
     "tokens_per_s": rates["tbptt_jax"],
     "baseline": f"pytorch {torch_version}" if torch_version else None,
     "baseline_tokens_per_s": rates.get("pytorch"),
@@ -187,9 +188,13 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--preset", choices=sorted(PRESETS), nargs="+", default=["small"])
   parser.add_argument("--seconds", type=float, default=60, help="measuring time per preset")
+  parser.add_argument(
+    "--unroll", default="1", help="tbptt_jax's lax.scan unroll over time: an integer, or 'full'"
+  )
   parser.add_argument("--json", action="store_true")
   args = parser.parse_args(argv)
-  results = [measure(name, args.seconds) for name in args.preset]
+  unroll = True if args.unroll == "full" else int(args.unroll)
+  results = [measure(name, args.seconds, unroll=unroll) for name in args.preset]
   print(f"{'preset':8} {'tbptt_jax tokens/s':>19} {'pytorch tokens/s':>17} {'ratio':>6}  rounds")
   for r in results:
     base = "missing" if r["baseline_tokens_per_s"] is None else f"{r['baseline_tokens_per_s']:,.0f}"
