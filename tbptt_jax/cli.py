@@ -210,8 +210,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   except _RunStopped as e:
     print(f"{PROG}: error: {e.message}", file=sys.stderr)
     return e.status
-  except KeyboardInterrupt:  # before training started (its loop handles SIGINT itself)
-    print(f"\n{PROG}: interrupted before training started; nothing saved", file=sys.stderr)
+  except KeyboardInterrupt:  # outside the training loop, which handles SIGINT itself
+    print(f"\n{PROG}: interrupted outside the training loop; no checkpoint", file=sys.stderr)
     return 130
 
 
