@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
+from typing import Any
+
+import msgpack
 
 # Fault injection for tests: seconds to pause halfway through writing the temporary file.
 _PAUSE = "TBPTT_JAX_TEST_WRITE_PAUSE"
@@ -38,3 +42,46 @@ def atomic_write(path: str | os.PathLike[str], data: bytes | str) -> None:
     os.fsync(folder)
   finally:
     os.close(folder)
+
+
+def read_format(
+  where: str,
+  path: str | os.PathLike[str],
+  kind: str,
+  file_format: str,
+  version: int,
+  unpack: Callable[[bytes], Any],
+) -> dict:
+  """Reads a msgpack file of ours: a dict whose "format" and "version" name what it holds.
+
+  Every failure is a `ValueError` naming `where`, the file and what is wrong with it: missing
+  or unreadable, not msgpack (e.g. truncated), another format, another version.
+
+  Args:
+    where: the caller, for the error messages.
+    path: the file.
+    kind: what the file is, in words ("checkpoint", "model file").
+    file_format: the expected "format" field.
+    version: the expected "version" field.
+    unpack: bytes -> the msgpack content (`msgpack.unpackb` or flax's `msgpack_restore`).
+  """
+  path = os.fspath(path)
+  try:
+    with open(path, "rb") as f:
+      raw = f.read()
+  except OSError as e:
+    raise ValueError(f"{where}: cannot read {kind} {path!r}: {e.strerror}") from None
+  try:
+    content = unpack(raw)
+  except (ValueError, TypeError, msgpack.exceptions.ExtraData, msgpack.exceptions.UnpackException):
+    raise ValueError(
+      f"{where}: {path!r} is not a tbptt_jax {kind} (not msgpack; truncated?)"
+    ) from None
+  if not isinstance(content, dict) or content.get("format") != file_format:
+    raise ValueError(f"{where}: {path!r} is not a tbptt_jax {kind}")
+  if content.get("version") != version:
+    raise ValueError(
+      f"{where}: {path!r} has {kind} version {content.get('version')!r}, "
+      f"this tbptt_jax reads version {version}"
+    )
+  return content

@@ -191,26 +191,12 @@ def load_checkpoint(path: str | os.PathLike[str], like: TrainState) -> Checkpoin
 
 
 def _read_payload(where: str, path: str | os.PathLike[str]) -> dict:
-  path = os.fspath(path)
-  try:
-    with open(path, "rb") as f:
-      raw = f.read()
-  except OSError as e:
-    raise ValueError(f"{where}: cannot read checkpoint {path!r}: {e.strerror}") from None
-  try:
-    header = msgpack.unpackb(raw, raw=False)
-  except (ValueError, TypeError, msgpack.exceptions.ExtraData, msgpack.exceptions.UnpackException):
-    raise ValueError(
-      f"{where}: {path!r} is not a tbptt_jax checkpoint (not msgpack; truncated?)"
-    ) from None
-  if not isinstance(header, dict) or header.get("format") != FORMAT:
-    raise ValueError(f"{where}: {path!r} is not a tbptt_jax checkpoint")
-  if header.get("version") != VERSION:
-    raise ValueError(
-      f"{where}: {path!r} has checkpoint version {header.get('version')!r}, "
-      f"this tbptt_jax reads version {VERSION}"
-    )
+  header = _files.read_format(
+    where, path, "checkpoint", FORMAT, VERSION, lambda raw: msgpack.unpackb(raw, raw=False)
+  )
   payload = header.get("payload")
   if not isinstance(payload, bytes) or hashlib.sha256(payload).hexdigest() != header.get("sha256"):
-    raise ValueError(f"{where}: {path!r} is corrupt (its checksum does not match its contents)")
+    raise ValueError(
+      f"{where}: {os.fspath(path)!r} is corrupt (its checksum does not match its contents)"
+    )
   return flax.serialization.msgpack_restore(payload)

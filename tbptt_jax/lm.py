@@ -38,7 +38,6 @@ from typing import Any, NamedTuple
 import flax.serialization
 import jax
 import jax.numpy as jnp
-import msgpack
 import numpy as np
 import optax
 
@@ -475,20 +474,9 @@ def load_model(path: str) -> tuple[LMConfig, LMParams, dict]:
   its parameters do not match its config.
   """
   where = "load_model"
-  try:
-    with open(path, "rb") as f:
-      payload = flax.serialization.msgpack_restore(f.read())
-  except OSError as e:
-    raise ValueError(f"{where}: cannot read model file {path!r}: {e.strerror}") from None
-  except (ValueError, TypeError, msgpack.exceptions.ExtraData, msgpack.exceptions.UnpackException):
-    raise ValueError(f"{where}: {path!r} is not a tbptt_jax model file (not msgpack)") from None
-  if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
-    raise ValueError(f"{where}: {path!r} is not a tbptt_jax model file")
-  if payload.get("version") != _VERSION:
-    raise ValueError(
-      f"{where}: {path!r} has model file version {payload.get('version')!r}, "
-      f"this tbptt_jax reads version {_VERSION}"
-    )
+  payload = _files.read_format(
+    where, path, "model file", _FORMAT, _VERSION, flax.serialization.msgpack_restore
+  )
   try:
     config = check_config(where, LMConfig(**payload["config"]))
   except (TypeError, KeyError) as e:
