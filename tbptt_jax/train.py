@@ -103,6 +103,7 @@ def tbptt_trainer(
   unroll: int | bool = 1,
   step_rngs: bool = False,
   skip_nonfinite: bool = True,
+  remat: int | None = None,
 ) -> Trainer:
   """Builds a jitted TBPTT(k1, k2) training step for a recurrent model.
 
@@ -129,6 +130,9 @@ def tbptt_trainer(
       NaN or an infinity is skipped: parameters, optimizer state and `step`
       stay as they were (the carry still moves on with the data), and the
       update's `UpdateMetrics.nonfinite` says so. If False, it is applied.
+    remat: if set, backward windows run in `jax.checkpoint`-ed segments of
+      this many steps: memory of about k2 / remat carries instead of k2 steps'
+      intermediates, for one more forward pass (see `tbptt_gradients`).
 
   Returns:
     A `Trainer(init, update, reset)`.
@@ -151,6 +155,8 @@ def tbptt_trainer(
   if max_grad_norm is not None and not max_grad_norm > 0:
     raise ValueError(f"{where}: max_grad_norm must be > 0 or None, got {max_grad_norm!r}")
   _checks.unroll(where, unroll)
+  if remat is not None:
+    _checks.positive_int(where, "remat", remat)
   # Clipping runs before the optimizer but outside its state, so `opt_state`
   # is exactly the optimizer's and the gradient after clipping can be measured.
   clip = None if max_grad_norm is None else optax.clip_by_global_norm(max_grad_norm)
@@ -216,6 +222,7 @@ def tbptt_trainer(
         reset_carry=reset_carry,
         unroll=unroll,
         head_fn=model.head,
+        remat=remat,
         where="update",
       )
       grads = out.grads

@@ -107,6 +107,7 @@ def block_gradients(
   reset_carry: Carry | None = None,
   unroll: int | bool = 1,
   head_fn: HeadFn | None = None,
+  remat: int | None = None,
   where: str = "block_gradients",
 ) -> BlockResult:
   """The gradient of one TBPTT update, for a block of r <= k1 steps (time-major).
@@ -187,6 +188,7 @@ def block_gradients(
           reset_carry=reset_carry,
           unroll=unroll,
           keep_outputs=False,
+          remat=remat,
         ).carry
       run = scan_steps(
         step_fn,
@@ -197,6 +199,7 @@ def block_gradients(
         reset_carry=reset_carry,
         unroll=unroll,
         keep_carries=True,
+        remat=remat,
       )
       outputs = apply_head(head_fn, params, run.outputs)
       loss = mean_loss(jax.vmap(loss_fn)(outputs, targets))
@@ -231,6 +234,7 @@ def block_gradients(
         reset_carry=reset_carry,
         unroll=unroll,
         keep_outputs=False,
+        remat=remat,
       ).carry
       # Step t itself is a block step, never padding.
       _, out_t = masked_step(
@@ -312,6 +316,7 @@ def tbptt_gradients(
   reset_carry: Carry | None = None,
   unroll: int | bool = 1,
   head_fn: HeadFn | None = None,
+  remat: int | None = None,
 ) -> tuple[Params, Carry]:
   r"""The gradients of every update of TBPTT(k1, k2) over a sequence, at fixed params.
 
@@ -339,6 +344,10 @@ def tbptt_gradients(
     head_fn: optional `head_fn(params, y_t) -> out_t`, a stateless readout
       applied to every step's output after the scan (a `Cell`'s `head`);
       `loss_fn` then scores `out_t`.
+    remat: if set, each backward window runs in `jax.checkpoint`-ed segments
+      of this many steps (`unroll.scan_steps`): memory of about k2 / remat
+      carries instead of k2 steps' intermediates, for one more forward pass,
+      the same gradients. For long windows, e.g. full BPTT; s ~ sqrt(k2).
 
   Returns:
     `(grads, final_carry)`: `grads` is the pytree of `params` with a new leading
@@ -363,6 +372,8 @@ def tbptt_gradients(
   if reset_carry is not None:
     _checks.like(where, "reset_carry", reset_carry, "carry", carry)
   _checks.unroll(where, unroll)
+  if remat is not None:
+    _checks.positive_int(where, "remat", remat)
 
   # No window reaches behind step 1, so any k2 >= T is full backpropagation.
   k2 = min(k2, time)
@@ -385,6 +396,7 @@ def tbptt_gradients(
       reset_carry=reset_carry,
       unroll=unroll,
       head_fn=head_fn,
+      remat=remat,
       where=where,
     )
     return (out.carry, out.lookback), out.grads

@@ -73,6 +73,7 @@ def scan_steps(
   unroll: int | bool = 1,
   keep_outputs: bool = True,
   keep_carries: bool = False,
+  remat: int | None = None,
 ) -> Unrolled:
   """Runs `step_fn` over the leading (time) axis of `inputs`: the time-major core.
 
@@ -88,6 +89,14 @@ def scan_steps(
     keep_outputs: stack and return y_t (else `outputs` is None, and XLA drops
       whatever only fed them).
     keep_carries: stack and return the carry after every step.
+    remat: if set, a segment length s: the steps run in segments of s, each a
+      `jax.checkpoint`-ed scan, so that differentiating the run stores only
+      the carry entering each segment (and the outputs asked for) and re-runs
+      each segment forward during the backward pass: for T steps, memory of
+      about T / s carries plus one segment's intermediates instead of T steps'
+      intermediates, for one more forward pass (Gruslys et al., "Memory-
+      Efficient Backpropagation Through Time", NeurIPS 2016; s ~ sqrt(T) is
+      the classic choice). The values and gradients are the same.
 
   Returns:
     `Unrolled(carry, outputs, carries)`.
@@ -102,7 +111,31 @@ def scan_steps(
     )
     return carry, (y_t if keep_outputs else None, carry if keep_carries else None)
 
-  carry, (outputs, carries) = jax.lax.scan(body, carry, (inputs, resets, mask), unroll=unroll)
+  time = jax.tree.leaves(inputs)[0].shape[0]
+  if remat is None or remat >= time:
+    carry, (outputs, carries) = jax.lax.scan(body, carry, (inputs, resets, mask), unroll=unroll)
+    return Unrolled(carry, outputs, carries)
+
+  # Segments of `remat` steps; the last one is padded with steps that leave the carry
+  # unchanged (mask False) and repeat the last input, so that the cell sees real values.
+  n_segments = -(-time // remat)
+  pad = n_segments * remat - time
+  batch = jax.tree.leaves(carry)[0].shape[0]
+  mask = jnp.ones((time,), bool) if mask is None else mask
+  mask = jnp.concatenate([mask, jnp.zeros((pad,) + mask.shape[1:], bool)])
+  if resets is not None:
+    resets = jnp.concatenate([resets, jnp.zeros((pad, batch), bool)])
+  inputs = jax.tree.map(lambda a: jnp.concatenate([a, jnp.repeat(a[-1:], pad, axis=0)]), inputs)
+  segments = jax.tree.map(
+    lambda a: a.reshape((n_segments, remat) + a.shape[1:]), (inputs, resets, mask)
+  )
+
+  @jax.checkpoint
+  def segment(carry, steps):
+    return jax.lax.scan(body, carry, steps, unroll=unroll)
+
+  carry, stacked = jax.lax.scan(segment, carry, segments)
+  outputs, carries = jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:])[:time], stacked)
   return Unrolled(carry, outputs, carries)
 
 

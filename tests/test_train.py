@@ -359,6 +359,7 @@ def test_r2rt_task_separates_truncations():
     (dict(style="chunked"), r"style must be one of"),
     (dict(max_grad_norm=0.0), r"max_grad_norm must be > 0 or None, got 0\.0"),
     (dict(unroll=0), r"unroll must be an integer >= 1, got 0"),
+    (dict(remat=0), r"remat must be an integer >= 1, got 0"),
     (dict(model=lambda p, c, x: (c, x)), r"model must be a tbptt_jax.Cell"),
     (dict(optimizer=0.1), r"optimizer must be an optax.GradientTransformation"),
   ],
