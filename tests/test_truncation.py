@@ -317,18 +317,24 @@ def test_bad_input(problem, change, message):
 
 
 @pytest.mark.parametrize("style,k1,k2", [("window", 3, 7), ("per_loss", 2, 5)])
-def test_rematerialised_windows_give_the_oracles_gradients(problem, style, k1, k2):
-  """remat=2: windows of 5 and 7 steps run as checkpointed segments, the last one padded."""
-  fn = functools.partial(
-    tbptt_jax.tbptt_gradients, seed_step, loss_fn, k1=k1, k2=k2, style=style, remat=2
-  )
-  args = (problem["params"], problem["s0"], problem["x"], problem["y"])
-  with jax.enable_x64(True):
-    grads, carry = jax.jit(fn)(*args, resets=problem["resets"])
-  want, want_carry = numpy_oracle.tbptt_gradients(*args, k1, k2, style, resets=problem["resets"])
+def test_rematerialised_windows_give_the_same_gradients(problem, style, k1, k2):
+  """remat=2: windows of 5 and 7 steps run as checkpointed segments, the last one padded; the
+  gradients are those of the plain windows (which the oracle tests check), up to float32."""
+
+  def gradients(remat):
+    fn = functools.partial(
+      tbptt_jax.tbptt_gradients, seed_step, loss_fn, k1=k1, k2=k2, style=style, remat=remat
+    )
+    args = jax.tree.map(
+      lambda a: jnp.asarray(a, jnp.float32),
+      (problem["params"], problem["s0"], problem["x"]),
+    )
+    return jax.jit(fn)(*args, problem["y"], resets=problem["resets"])
+
+  (plain, plain_carry), (remat, remat_carry) = gradients(None), gradients(2)
   for name in numpy_oracle.NAMES:
-    np.testing.assert_allclose(grads[name], want[name], rtol=1e-8, atol=1e-12, err_msg=name)
-  np.testing.assert_allclose(carry, want_carry, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(remat[name], plain[name], rtol=1e-5, atol=1e-7, err_msg=name)
+  np.testing.assert_array_equal(remat_carry, plain_carry)
 
 
 def test_remat_stores_a_fraction_of_full_bptts_intermediates():
