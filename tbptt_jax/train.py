@@ -66,7 +66,7 @@ class UpdateMetrics(NamedTuple):
   grad_norm: jax.Array  # global norm of the TBPTT gradient, before clipping
   clipped_grad_norm: jax.Array  # global norm of the gradient the optimizer received
   clipped: jax.Array  # bool: grad_norm exceeded max_grad_norm, so clipping scaled it down
-  nonfinite: jax.Array  # bool: the gradient held a NaN or an infinity
+  nonfinite: jax.Array  # bool: the gradient held a NaN or an infinity (its norm is not finite)
 
 
 class Trainer(NamedTuple):
@@ -127,9 +127,10 @@ def tbptt_trainer(
       from `TrainState.rng`. The lookback keeps them with the inputs, so a
       window that re-runs a step replays the step's randomness exactly.
     skip_nonfinite: if True (the default), an update whose gradient holds a
-      NaN or an infinity is skipped: parameters, optimizer state and `step`
-      stay as they were (the carry still moves on with the data), and the
-      update's `UpdateMetrics.nonfinite` says so. If False, it is applied.
+      NaN or an infinity (its global norm is then not finite; so is a norm
+      that overflows) is skipped: parameters, optimizer state and `step` stay
+      as they were (the carry still moves on with the data), and the update's
+      `UpdateMetrics.nonfinite` says so. If False, it is applied.
     remat: if set, backward windows run in `jax.checkpoint`-ed segments of
       this many steps: memory of about k2 / remat carries instead of k2 steps'
       intermediates, for one more forward pass (see `tbptt_gradients`).
@@ -231,7 +232,8 @@ def tbptt_trainer(
         grads, _ = clip.update(grads, clip.init(state.params))
       updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
       params = optax.apply_updates(state.params, updates)
-      finite = _all_finite(out.grads)
+      # A NaN or inf anywhere makes the norm non-finite: no second pass over the gradient.
+      finite = jnp.isfinite(grad_norm)
       if skip_nonfinite:
         # A NaN or inf gradient never reaches the parameters: the update is skipped
         # (params, optimizer state and step unchanged); the streams still move on.
@@ -265,9 +267,3 @@ def tbptt_trainer(
     return state._replace(**jax.tree.map(jnp.copy, dict(carry=carry, lookback=lookback)))
 
   return Trainer(init=init, update=jax.jit(update, donate_argnums=0), reset=reset)
-
-
-def _all_finite(tree: Any) -> jax.Array:
-  """True when no leaf of `tree` holds a NaN or an infinity."""
-  finite = [jnp.all(jnp.isfinite(a)) for a in jax.tree.leaves(tree)]
-  return jnp.all(jnp.asarray(finite)) if finite else jnp.asarray(True)
