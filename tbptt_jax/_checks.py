@@ -124,6 +124,16 @@ def like_steps(where: str, name: str, tree: Any, steps: Any) -> None:
     )
 
 
+def per_example_losses(where: str, losses: Any, steps: int, batch: int) -> None:
+  """Checks what a `loss_fn` vmapped over `steps` returned: per-example losses, [steps, batch]."""
+  shape = np.shape(losses)
+  if shape != (steps, batch):
+    raise ValueError(
+      f"{where}: loss_fn must return per-example losses of shape [batch] = [{batch}], "
+      f"got shape {shape[1:]}"
+    )
+
+
 def resets(where: str, value: Any, batch: int, time: int) -> None:
   """Checks a resets mask: boolean, shape [batch, time]."""
   shape = np.shape(value)

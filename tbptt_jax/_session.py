@@ -102,7 +102,7 @@ class UpdateLog:
       for name in UpdateMetrics._fields
     }
     self.metrics.append(UpdateMetrics(**columns))
-    _files.atomic_write(path, self._csv(self.metrics[0], 1, header=True))
+    self._write_rows(self.metrics[0], 1, header=True)
 
   def append(self, metrics: UpdateMetrics) -> None:
     """Adds one call's metrics (host arrays)."""

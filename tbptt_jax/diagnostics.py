@@ -54,11 +54,12 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from jax.flatten_util import ravel_pytree
 
 from tbptt_jax import _checks
 from tbptt_jax.cells import Carry, Cell, Params, apply_head
-from tbptt_jax.truncation import LossFn, tbptt_gradients
+from tbptt_jax.truncation import LossFn, block_sizes, tbptt_gradients
 from tbptt_jax.unroll import scan_steps, time_major
 
 
@@ -162,7 +163,7 @@ def _lag_profile(model, loss_fn, max_lag, chunk, params, carry, inputs, targets)
     def summed_loss(params, y_t):
       out_t = apply_head(model.head, params, _at(y_t, None))
       losses = jax.vmap(loss_fn)(out_t, _at(_at(ys, t), None))
-      _check_losses("lag_profile", losses, batch)
+      _checks.per_example_losses("lag_profile", losses, 1, batch)
       return jnp.sum(losses)
 
     head_grads, dy = jax.grad(summed_loss, argnums=(0, 1))(params, y_t)
@@ -186,7 +187,7 @@ def _lag_profile(model, loss_fn, max_lag, chunk, params, carry, inputs, targets)
         lambda g, h: g / batch + jnp.where(k == 0, h, jnp.zeros_like(h)), dparams, head_grads
       )
       state_norm = jnp.where(k == 0, _stream_norms(dy), _stream_norms(ds))
-      param_norm = _norm(c)
+      param_norm = optax.tree.norm(c)
       c = jax.tree.map(lambda a: jnp.where(exists, a, jnp.zeros_like(a)), c)
       grad_sum = jax.tree.map(jnp.add, grad_sum, c)
       return (ds_in, grad_sum), (state_norm, param_norm)
@@ -390,8 +391,7 @@ def _sequence_gradient(model, loss_fn, k1, k2, style, params, carry, inputs, tar
     head_fn=model.head,
   )  # fmt: skip
   time = jax.tree.leaves(inputs)[0].shape[1]
-  sizes = np.minimum(k1, time - k1 * np.arange(-(-time // k1)))
-  weights = jnp.asarray(sizes / time)
+  weights = jnp.asarray(block_sizes(time, k1) / time)
   return jax.tree.map(lambda g: jnp.tensordot(weights.astype(g.dtype), g, axes=1), grads)
 
 
@@ -569,21 +569,9 @@ def _initial_carry(where: str, model: Cell, inputs: Any, carry: Carry | None, ba
   return carry
 
 
-def _check_losses(where: str, losses: jax.Array, batch: int) -> None:
-  if losses.shape != (1, batch):
-    raise ValueError(
-      f"{where}: loss_fn must return per-example losses of shape [batch] = [{batch}], "
-      f"got shape {losses.shape[1:]}"
-    )
-
-
 def _at(tree: Any, index: Any) -> Any:
   """Every leaf indexed on its leading axis (None adds one)."""
   return jax.tree.map(lambda a: a[index], tree)
-
-
-def _norm(tree: Any) -> jax.Array:
-  return jnp.sqrt(sum(jnp.sum(jnp.square(a)) for a in jax.tree.leaves(tree)))
 
 
 def _stream_norms(tree: Any) -> jax.Array:

@@ -44,6 +44,7 @@ import optax
 from tbptt_jax import _checks, _files
 from tbptt_jax.cells import CELL_NAMES, Cell, apply_head, cell_by_name
 from tbptt_jax.streams import batchify
+from tbptt_jax.truncation import block_sizes
 from tbptt_jax.unroll import scan_steps, time_major
 
 
@@ -257,9 +258,8 @@ def epoch_loss(update_losses: Any, steps: int, k1: int) -> float:
   by their lengths.
   """
   update_losses = np.asarray(update_losses, np.float64)
-  sizes = np.full(len(update_losses), k1)
-  sizes[-1] = steps - k1 * (len(update_losses) - 1)
-  if sizes[-1] < 1 or sizes[-1] > k1:
+  sizes = block_sizes(steps, k1)
+  if len(sizes) != len(update_losses):
     raise ValueError(
       f"epoch_loss: {len(update_losses)} updates of k1 = {k1} steps cannot cover {steps} steps"
     )

@@ -58,8 +58,9 @@ class TrainState(NamedTuple):
 class UpdateMetrics(NamedTuple):
   """Per-update metrics of one `update` call, each of shape [ceil(T / k1)].
 
-  The monitoring fields cost one pass over the gradient each; they are how
-  exploding gradients show up during training (see `tbptt_jax.diagnostics`).
+  The monitoring fields come from the gradient's norm, which is computed
+  anyway, and one more norm after clipping; they are how exploding gradients
+  show up during training (see `tbptt_jax.diagnostics`).
   """
 
   loss: jax.Array  # the block objective: mean loss over the batch and block steps

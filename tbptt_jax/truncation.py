@@ -128,11 +128,7 @@ def block_gradients(
     reset_carry = jax.tree.map(jnp.zeros_like, carry)
 
   def mean_loss(losses: jax.Array) -> jax.Array:
-    if losses.shape != (r, batch):
-      raise ValueError(
-        f"{where}: loss_fn must return per-example losses of shape [batch] = [{batch}], "
-        f"got shape {losses.shape[1:]}"
-      )
+    _checks.per_example_losses(where, losses, r, batch)
     return jnp.mean(losses)
 
   def forward(carry: Carry) -> tuple[Carry, Carry]:
@@ -264,6 +260,11 @@ def block_gradients(
     valid=all_valid[r:],
   )
   return BlockResult(grads, loss, new_carry, new_lookback)
+
+
+def block_sizes(time: int, k1: int) -> np.ndarray:
+  """The steps of each of the ceil(T / k1) blocks: k1, ..., k1, then the rest, T mod k1."""
+  return np.minimum(k1, time - k1 * np.arange(-(-time // k1)))
 
 
 def scan_blocks(

@@ -120,11 +120,10 @@ def scan_steps(
   # unchanged (mask False) and repeat the last input, so that the cell sees real values.
   n_segments = -(-time // remat)
   pad = n_segments * remat - time
-  batch = jax.tree.leaves(carry)[0].shape[0]
   mask = jnp.ones((time,), bool) if mask is None else mask
   mask = jnp.concatenate([mask, jnp.zeros((pad,) + mask.shape[1:], bool)])
   if resets is not None:
-    resets = jnp.concatenate([resets, jnp.zeros((pad, batch), bool)])
+    resets = jnp.concatenate([resets, jnp.zeros((pad,) + resets.shape[1:], bool)])
   inputs = jax.tree.map(lambda a: jnp.concatenate([a, jnp.repeat(a[-1:], pad, axis=0)]), inputs)
   segments = jax.tree.map(
     lambda a: a.reshape((n_segments, remat) + a.shape[1:]), (inputs, resets, mask)
