@@ -10,6 +10,8 @@ long sequence in order. Modules, one idea each:
   truncation  TBPTT(k1, k2), window and per-loss styles: `tbptt_gradients`
   streams     parallel streams of one long sequence: `batchify`, chunks
   train       the optax-style training factory `tbptt_trainer`
+  adaptive    adaptive k2 for a tolerated bias (Aicher et al. 2019)
+  artbp       unbiased random truncation, ARTBP (Tallec & Ollivier 2017)
   checkpoint  whole-run checkpoints, atomic and checksummed
   diagnostics per-lag gradient norms, Jacobian products, truncation bias
   plots       figures of the diagnostics and training metrics (matplotlib)
@@ -23,7 +25,12 @@ as `truncation.block_gradients`, `truncation.scan_blocks`, `unroll.scan_steps`)
 are the engine's building blocks, documented for those who extend it.
 """
 
-from tbptt_jax import checkpoint, data, diagnostics, lm, plots, synthetic
+from tbptt_jax import adaptive, artbp, checkpoint, data, diagnostics, lm, plots, synthetic
+from tbptt_jax.adaptive import K2Choice as K2Choice
+from tbptt_jax.adaptive import adaptive_k2 as adaptive_k2
+from tbptt_jax.artbp import ARTBP as ARTBP
+from tbptt_jax.artbp import ARTBPCarry as ARTBPCarry
+from tbptt_jax.artbp import artbp_cell as artbp_cell
 from tbptt_jax.cells import CELL_NAMES as CELL_NAMES
 from tbptt_jax.cells import Cell as Cell
 from tbptt_jax.cells import ElmanParams as ElmanParams
@@ -47,13 +54,20 @@ from tbptt_jax.unroll import unroll as unroll
 __version__ = "0.1.0"
 
 __all__ = (
+  "ARTBP",
+  "ARTBPCarry",
   "CELL_NAMES",
   "Cell",
   "ElmanParams",
+  "K2Choice",
   "Lookback",
   "TrainState",
   "Trainer",
   "UpdateMetrics",
+  "adaptive",
+  "adaptive_k2",
+  "artbp",
+  "artbp_cell",
   "batchify",
   "cell_by_name",
   "checkpoint",

@@ -20,14 +20,17 @@ last chunk of a sequence excepted.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from tbptt_jax import _checks
+from tbptt_jax import artbp as _artbp
 from tbptt_jax.cells import Carry, Cell, Params
 from tbptt_jax.truncation import (
   Lookback,
@@ -53,6 +56,7 @@ class TrainState(NamedTuple):
   lookback: Lookback  # the last k2 - 1 steps of every stream, time-major
   step: jax.Array  # shape=(), int32: optimizer updates made (skipped ones not counted)
   rng: jax.Array  # PRNG key: the source of per-step randomness (`step_rngs`)
+  k2: jax.Array  # shape=(), int32: the next updates' k2, one of the trainer's (`Trainer.set_k2`)
 
 
 class UpdateMetrics(NamedTuple):
@@ -85,11 +89,17 @@ class Trainer(NamedTuple):
     reset: `reset(state) -> state`: restarts every stream (carry back to the
       initial carry, lookback emptied), keeping parameters and optimizer
       state; call it when the streams jump, e.g. at the start of an epoch.
+    set_k2: `set_k2(state, k2) -> state`: the state with the k2 of the next
+      updates, one of the trainer's compiled k2s (`tbptt_trainer(k2=(...))`);
+      changing it never recompiles `update`.
+    k2s: the compiled k2s, ascending.
   """
 
   init: Callable[[jax.Array, Any], TrainState]
   update: Callable[..., tuple[TrainState, UpdateMetrics]]
   reset: Callable[[TrainState], TrainState]
+  set_k2: Callable[[TrainState, int], TrainState]
+  k2s: tuple[int, ...]
 
 
 def tbptt_trainer(
@@ -98,13 +108,14 @@ def tbptt_trainer(
   optimizer: optax.GradientTransformation,
   *,
   k1: int,
-  k2: int | None = None,
+  k2: int | Sequence[int] | None = None,
   style: str = "window",
   max_grad_norm: float | None = None,
   unroll: int | bool = 1,
   step_rngs: bool = False,
   skip_nonfinite: bool = True,
   remat: int | None = None,
+  artbp: _artbp.ARTBP | None = None,
 ) -> Trainer:
   """Builds a jitted TBPTT(k1, k2) training step for a recurrent model.
 
@@ -118,6 +129,12 @@ def tbptt_trainer(
     optimizer: an optax optimizer.
     k1: steps per update.
     k2: steps each loss is backpropagated through; default k1 (chunked TBPTT).
+      A sequence of k2s compiles one backward pass for each, chosen at run
+      time by `TrainState.k2` (`Trainer.set_k2`; initially the smallest)
+      through `jax.lax.switch`: a controller such as
+      `tbptt_jax.adaptive.adaptive_k2` can change k2 between calls without
+      recompiling. The lookback keeps the longest's k2 - 1 steps; each update
+      runs only the chosen window.
     style: `"window"` or `"per_loss"` (see `tbptt_jax.truncation`).
     max_grad_norm: if set, each update's gradient is clipped to this global
       norm (`optax.clip_by_global_norm`) before the optimizer.
@@ -135,6 +152,11 @@ def tbptt_trainer(
     remat: if set, backward windows run in `jax.checkpoint`-ed segments of
       this many steps: memory of about k2 / remat carries instead of k2 steps'
       intermediates, for one more forward pass (see `tbptt_gradients`).
+    artbp: if set, an `ARTBP` schedule: unbiased random truncation (Tallec &
+      Ollivier 2017, `tbptt_jax.artbp`) inside each backward window, instead
+      of the fixed cut at its start; needs a single k2 > k1 in window style
+      (segments of at most k2 - k1 + 1 steps) or k2 >= 2 in per-loss style
+      (at most k2 steps). The model's carry becomes an `ARTBPCarry`.
 
   Returns:
     A `Trainer(init, update, reset)`.
@@ -153,7 +175,22 @@ def tbptt_trainer(
     raise ValueError(
       f"{where}: optimizer must be an optax.GradientTransformation, got {type(optimizer).__name__}"
     )
-  k1, k2, style = _checks.truncation(where, k1, k1 if k2 is None else k2, style)
+  k1 = _checks.positive_int(where, "k1", k1)
+  k2s = _k2_set(where, k1 if k2 is None else k2)
+  for k in k2s:
+    k1, _, style = _checks.truncation(where, k1, k, style)
+  k2 = k2s[-1]  # the lookback serves the longest window
+  if artbp is not None:
+    artbp = _artbp.check(where, artbp)
+    max_length = k2 - k1 + 1 if style == "window" else k2
+    if len(k2s) > 1 or max_length < 2:
+      raise ValueError(
+        f"{where}: artbp needs one k2 with segments of >= 2 steps: k2 > k1 in window style, "
+        f"k2 >= 2 in per_loss style, got k1={k1}, k2={k2s if len(k2s) > 1 else k2}, "
+        f"style={style!r}"
+      )
+    model = _artbp.artbp_cell(model, artbp, max_length=max_length, step_rngs=step_rngs)
+    step_rngs = True  # the cut draws come with every step's inputs
   if max_grad_norm is not None and not max_grad_norm > 0:
     raise ValueError(f"{where}: max_grad_norm must be > 0 or None, got {max_grad_norm!r}")
   _checks.unroll(where, unroll)
@@ -193,6 +230,7 @@ def tbptt_trainer(
       lookback=lookback,
       step=jnp.zeros((), jnp.int32),
       rng=rng,
+      k2=jnp.asarray(k2s[0], jnp.int32),
     )
     # `update` donates every buffer of the state: none may be shared with the
     # caller's arrays or appear twice (e.g. an initial carry of (h, h)).
@@ -211,22 +249,35 @@ def tbptt_trainer(
 
     def one_update(state: TrainState, block):
       x, y, r = block
-      out = block_gradients(
-        model.apply,
-        loss_fn,
-        state.params,
-        state.carry,
-        state.lookback,
-        x,
-        y,
-        r,
-        style=style,
-        reset_carry=reset_carry,
-        unroll=unroll,
-        head_fn=model.head,
-        remat=remat,
-        where="update",
-      )
+
+      def gradients(k2: int, operands):
+        params, carry, lookback, x, y, r = operands
+        return block_gradients(
+          model.apply,
+          loss_fn,
+          params,
+          carry,
+          lookback,
+          x,
+          y,
+          r,
+          style=style,
+          reset_carry=reset_carry,
+          unroll=unroll,
+          head_fn=model.head,
+          remat=remat,
+          k2=k2,
+          where="update",
+        )
+
+      operands = (state.params, state.carry, state.lookback, x, y, r)
+      if len(k2s) == 1:
+        out = gradients(k2, operands)
+      else:
+        # One compiled backward pass per k2; only the chosen one runs.
+        branches = [functools.partial(gradients, k) for k in k2s]
+        index = jnp.searchsorted(jnp.asarray(k2s), state.k2)
+        out = jax.lax.switch(index, branches, operands)
       grads = out.grads
       grad_norm = optax.tree.norm(grads)
       if clip is not None:
@@ -267,4 +318,24 @@ def tbptt_trainer(
     carry, lookback = start_of_sequence(x_t)
     return state._replace(**jax.tree.map(jnp.copy, dict(carry=carry, lookback=lookback)))
 
-  return Trainer(init=init, update=jax.jit(update, donate_argnums=0), reset=reset)
+  def set_k2(state: TrainState, k2: int) -> TrainState:
+    if isinstance(k2, bool) or not isinstance(k2, (int, np.integer)) or k2 not in k2s:
+      raise ValueError(f"set_k2: k2 must be one of the trainer's k2s {k2s}, got {k2!r}")
+    return state._replace(k2=jnp.asarray(k2, jnp.int32))
+
+  return Trainer(
+    init=init,
+    update=jax.jit(update, donate_argnums=0),
+    reset=reset,
+    set_k2=set_k2,
+    k2s=k2s,
+  )
+
+
+def _k2_set(where: str, k2: Any) -> tuple[int, ...]:
+  """`k2` as an ascending tuple of distinct k2s (one for an int)."""
+  if isinstance(k2, (int, np.integer)) and not isinstance(k2, bool):
+    return (_checks.positive_int(where, "k2", k2),)
+  if not isinstance(k2, Sequence) or isinstance(k2, str) or not k2:
+    raise ValueError(f"{where}: k2 must be an integer or a non-empty sequence of them, got {k2!r}")
+  return tuple(sorted({_checks.positive_int(where, "k2", k) for k in k2}))

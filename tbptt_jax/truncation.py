@@ -108,11 +108,15 @@ def block_gradients(
   unroll: int | bool = 1,
   head_fn: HeadFn | None = None,
   remat: int | None = None,
+  k2: int | None = None,
   where: str = "block_gradients",
 ) -> BlockResult:
   """The gradient of one TBPTT update, for a block of r <= k1 steps (time-major).
 
-  k2 is implied by the lookback (k2 - 1 steps). Arguments are as in
+  k2 defaults to the lookback's length plus one; a shorter `k2` backpropagates
+  through the last k2 steps only while the returned lookback keeps its full
+  length, so one lookback serves every k2 up to its own (the trainer's compiled
+  set of k2, see `tbptt_trainer`). Other arguments are as in
   `tbptt_gradients`, except that `inputs`, `targets` and `resets` are
   time-major, `[r, batch, ...]`, and `carry` is the carry entering the block,
   the last state the lookback leads to. `where` names the caller in errors.
@@ -122,7 +126,10 @@ def block_gradients(
   the forward pass does not depend on the truncation.
   """
   r = jax.tree.leaves(inputs)[0].shape[0]
-  k2 = lookback.valid.shape[0] + 1
+  stored = lookback.valid.shape[0]  # k2 - 1 of the longest window the lookback serves
+  k2 = stored + 1 if k2 is None else k2
+  if not 1 <= k2 <= stored + 1:  # pragma: no cover - callers validate k2
+    raise ValueError(f"{where}: k2 must be in [1, {stored + 1}], got {k2}")
   batch = lookback.resets.shape[1]
   if reset_carry is None:
     reset_carry = jax.tree.map(jnp.zeros_like, carry)
@@ -165,9 +172,10 @@ def block_gradients(
   if style == "window":
     # The window is the last k2 of all steps: k2 - r lookback steps, then the block.
     n_back = k2 - r
+    first = stored - n_back  # the lookback step the window starts at
     # A window that starts at the block starts from `carry`; one that reaches
     # back starts from the stored state entering its first step.
-    anchor = carry if n_back == 0 else jax.tree.map(lambda s: s[r - 1], lookback.states)
+    anchor = carry if n_back == 0 else jax.tree.map(lambda s: s[first], lookback.states)
 
     def objective(params):
       # Window-style truncation (Williams & Peng): the state entering the k2-step
@@ -178,9 +186,9 @@ def block_gradients(
           step_fn,
           params,
           s,
-          jax.tree.map(lambda a: a[r - 1 :], lookback_inputs),
-          resets=lookback.resets[r - 1 :],
-          mask=lookback.valid[r - 1 :],
+          jax.tree.map(lambda a: a[first:], lookback_inputs),
+          resets=lookback.resets[first:],
+          mask=lookback.valid[first:],
           reset_carry=reset_carry,
           unroll=unroll,
           keep_outputs=False,
@@ -208,11 +216,13 @@ def block_gradients(
     entering = entering_states(block_carries)
   elif style == "per_loss":
     new_carry, block_carries = forward(carry)
-    # Loss j (the block's step j) owns the window of all steps j .. j + k2 - 1,
-    # entered by entering[j].
+    # Loss j (the block's step j) owns the window of all steps
+    # skip + j .. skip + j + k2 - 1, entered by entering[skip + j]: the lookback's
+    # first `skip` steps are beyond every window of this k2.
+    skip = stored + 1 - k2
     entering = entering_states(block_carries)
-    anchors = jax.tree.map(lambda a: a[:r], entering)
-    window_idx = np.arange(r)[:, None] + np.arange(k2)[None, :]
+    anchors = jax.tree.map(lambda a: a[skip : skip + r], entering)
+    window_idx = skip + np.arange(r)[:, None] + np.arange(k2)[None, :]
     windows = jax.tree.map(lambda a: a[window_idx], (all_inputs, all_resets, all_valid))
 
     def window_output(params, anchor, window):
