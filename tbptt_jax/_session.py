@@ -95,12 +95,7 @@ class UpdateLog:
         f"--resume: the update log {path!r} holds {len(rows)} updates, the checkpoint {updates}"
       )
     rows = rows[:updates]
-    columns = {
-      name: np.asarray([row[name] == "True" for row in rows])
-      if name in ("clipped", "nonfinite")
-      else np.asarray([float(row[name]) for row in rows], np.float32)
-      for name in UpdateMetrics._fields
-    }
+    columns = {name: _column(name, [row[name] for row in rows]) for name in UpdateMetrics._fields}
     self.metrics.append(UpdateMetrics(**columns))
     self._write_rows(self.metrics[0], 1, header=True)
 
@@ -113,8 +108,7 @@ class UpdateLog:
   def joined(self, start: int = 0) -> UpdateMetrics:
     """The metrics of updates start.. as one run."""
     if not self.metrics:
-      empty = np.zeros((0,), np.float32)
-      return UpdateMetrics(empty, empty, empty, empty.astype(bool), empty.astype(bool))
+      return UpdateMetrics(**{name: _column(name, []) for name in UpdateMetrics._fields})
     whole = UpdateMetrics(*(np.concatenate(f) for f in zip(*self.metrics, strict=True)))
     return UpdateMetrics(*(f[start:] for f in whole))
 
@@ -142,6 +136,15 @@ class UpdateLog:
       columns = [np.asarray(a).tolist() for a in metrics]
       writer.writerows(zip(range(first, first + len(metrics.loss)), *columns, strict=True))
     return table.getvalue()
+
+
+def _column(name: str, texts: list[str]) -> np.ndarray:
+  """One `UpdateMetrics` field from its CSV texts, in the dtype the trainer gives it."""
+  if name in ("clipped", "nonfinite"):
+    return np.asarray([text == "True" for text in texts], bool)
+  if name == "k2":
+    return np.asarray([int(text) for text in texts], np.int32)
+  return np.asarray([float(text) for text in texts], np.float32)
 
 
 def run_arguments(args: argparse.Namespace) -> dict:

@@ -28,6 +28,8 @@ from tqdm import tqdm
 
 from tbptt_jax import _files, _session, checkpoint, lm, synthetic
 from tbptt_jax._checks import STYLES
+from tbptt_jax.adaptive import adaptive_k2
+from tbptt_jax.artbp import ARTBP
 from tbptt_jax.cells import CELL_NAMES, cell_by_name
 from tbptt_jax.data import LEVELS, Vocabulary, read_corpus
 from tbptt_jax.streams import batchify, iterate_chunks
@@ -103,8 +105,41 @@ def _parser() -> argparse.ArgumentParser:
   train.add_argument("--layers", type=pos_int, help="stacked recurrent layers (r2rt: 1)")
   train.add_argument("--batch-size", type=pos_int, help="parallel streams (r2rt: 200)")
   train.add_argument("--k1", type=pos_int, help="steps per update (r2rt: 10)")
-  train.add_argument("--k2", type=pos_int, default=None, help="backprop steps (default: k1)")
+  train.add_argument(
+    "--k2",
+    type=_k2_list,
+    default=None,
+    help="backprop steps (default: k1); a list such as 10,20,50,100 with --delta: adaptive k2",
+  )
   train.add_argument("--style", choices=STYLES, default="window", help="truncation style")
+  train.add_argument(
+    "--delta",
+    type=pos_float,
+    help="adaptive truncation (Aicher et al. 2019): tolerated relative gradient bias; "
+    "k2 is re-chosen from the --k2 list",
+  )
+  train.add_argument(
+    "--adapt-every",
+    type=pos_int,
+    default=10,
+    help="with --delta: calls between k2 choices (default 10; a call: --updates-per-call updates)",
+  )
+  train.add_argument(
+    "--adapt-streams",
+    type=pos_int,
+    default=4,
+    help="with --delta: streams the gradient decay is measured on (default 4)",
+  )
+  train.add_argument(
+    "--artbp",
+    type=pos_float,
+    metavar="L0",
+    help="unbiased random truncation (ARTBP, Tallec & Ollivier 2017) with mean segment length "
+    "L0 > 1, inside windows of k2 > k1 steps",
+  )
+  train.add_argument(
+    "--artbp-alpha", type=pos_float, default=4.0, help="ARTBP's tail exponent (> 2; default 4)"
+  )
   train.add_argument("--steps", type=pos_int, help="optimizer updates (r2rt only: 2000)")
   train.add_argument(
     "--updates-per-call",
@@ -186,6 +221,82 @@ def _parser() -> argparse.ArgumentParser:
   return parser
 
 
+def _k2_list(text: str) -> int | list[int]:
+  """`--k2 N`, or `--k2 N1,N2,...` for a compiled set of k2s (adaptive truncation)."""
+  try:
+    values = [int(part) for part in text.split(",")]
+  except ValueError:
+    values = []
+  if not values or min(values) < 1:
+    raise argparse.ArgumentTypeError(
+      f"expected a positive int or a comma-separated list of them, got {text!r}"
+    )
+  return values[0] if len(values) == 1 and "," not in text else sorted(set(values))
+
+
+def _truncation_flags(args: argparse.Namespace, k1: int) -> tuple[int | tuple[int, ...], Any]:
+  """The trainer's `k2` (an int, or the compiled set for --delta) and its `artbp` from the flags."""
+  k2 = k1 if args.k2 is None else args.k2
+  if isinstance(k2, list):
+    if args.delta is None:
+      raise ValueError(f"--k2 {','.join(map(str, k2))} is a list: it needs --delta (adaptive k2)")
+    k2 = tuple(k2)
+  elif args.delta is not None:
+    raise ValueError(f"--delta needs --k2 to list the k2s to choose from, e.g. 10,20,50, got {k2}")
+  if args.artbp is not None and args.delta is not None:
+    raise ValueError("--artbp and --delta are two ways to choose truncation: give one")
+  config = None if args.artbp is None else ARTBP(args.artbp, args.artbp_alpha)
+  return k2, config
+
+
+class _AdaptiveK2:
+  """Re-chooses k2 every --adapt-every calls (Aicher et al. 2019), on the call's own chunk, and
+  logs each choice to `truncation.jsonl`. The calls it measures before depend only on the
+  call's index, so a resumed run chooses as the uninterrupted one would."""
+
+  def __init__(self, args, model, loss_fn, trainer, out, updates, split_inputs) -> None:
+    self.every, self.trainer, self.split_inputs = args.adapt_every, trainer, split_inputs
+    self.window = 2 * max(trainer.k2s)  # measured steps: the losses of the last half reach back
+    self.choose = adaptive_k2(
+      model, loss_fn, trainer.k2s, delta=args.delta, streams=args.adapt_streams
+    )
+    self.path = out and os.path.join(out, "truncation.jsonl")
+    self.choices: list[dict] = []
+    if self.path is not None:  # a resumed run keeps the choices its checkpoint holds
+      if updates and os.path.isfile(self.path):
+        with open(self.path) as f:
+          self.choices = [r for r in map(json.loads, f) if r["update"] <= updates]
+      _files.atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in self.choices))
+
+  @classmethod
+  def maybe(cls, args, model, loss_fn, trainer, out, updates, split_inputs) -> _AdaptiveK2 | None:
+    """The controller of an adaptive run (--delta), else None."""
+    if args.delta is None:
+      return None
+    return cls(args, model, loss_fn, trainer, out, updates, split_inputs)
+
+  def before_call(self, call: int, updates: int, state: TrainState, inputs, targets):
+    """The state with a new k2 if call (0-based, counted as the loop counts) is due."""
+    steps = jax.tree.leaves(inputs)[0].shape[1]
+    if call % self.every or steps < self.window:
+      return state
+    cut = lambda a: a[:, : self.window]  # noqa: E731
+    choice = self.choose(
+      state.params, self.split_inputs(jax.tree.map(cut, inputs)), cut(targets), carry=state.carry
+    )
+    record = {
+      "update": updates + 1,
+      "k2": choice.k2,
+      "suggested": choice.suggested,
+      "beta": round(choice.beta, 6),
+      "bias": round(choice.bias, 6),
+    }
+    self.choices.append(record)
+    if self.path is not None:
+      _append_jsonl(self.path, record)
+    return self.trainer.set_k2(state, choice.k2)
+
+
 def _probability(text: str) -> float:
   try:
     value = float(text)
@@ -240,17 +351,20 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _train_r2rt(args: argparse.Namespace, resume: _Resume | None) -> int:
-  k2 = args.k1 if args.k2 is None else args.k2
+  k2, artbp = _truncation_flags(args, args.k1)
   out = _prepare_out(args.out)
+  model = synthetic.model(*(cell_by_name(args.cell, args.hidden) for _ in range(args.layers)))
+  loss_fn = optax.softmax_cross_entropy_with_integer_labels
   trainer = tbptt_trainer(
-    synthetic.model(*(cell_by_name(args.cell, args.hidden) for _ in range(args.layers))),
-    optax.softmax_cross_entropy_with_integer_labels,
+    model,
+    loss_fn,
     OPTIMIZERS[args.optimizer](args.lr),
     k1=args.k1,
     k2=k2,
     style=args.style,
     max_grad_norm=args.clip,
     unroll=args.unroll,
+    artbp=artbp,
   )
   # Every update sees k1 new steps of each of the batch_size streams.
   xs, ys = synthetic.streams(args.seed, args.batch_size, args.steps * args.k1)
@@ -259,6 +373,7 @@ def _train_r2rt(args: argparse.Namespace, resume: _Resume | None) -> int:
   start = time.perf_counter()
   state = saves.restore(resume, trainer, jax.random.key(args.seed), xs[:, : args.k1])
   log = _session.UpdateLog(out and os.path.join(out, "metrics.csv"), position["updates"])
+  adapt = _AdaptiveK2.maybe(args, model, loss_fn, trainer, out, position["updates"], lambda x: x)
   chunks = iterate_chunks(xs, args.updates_per_call * args.k1, targets=ys)
   guard = _NonfiniteGuard(args.max_nonfinite)
   first_call_seconds = first_call_updates = None  # init, compilation, first call
@@ -268,6 +383,8 @@ def _train_r2rt(args: argparse.Namespace, resume: _Resume | None) -> int:
     for calls, (inputs, targets) in enumerate(
       itertools.islice(chunks, position["calls"], None), position["calls"] + 1
     ):
+      if adapt is not None:
+        state = adapt.before_call(calls - 1, len(log), state, inputs, targets)
       state, metrics = trainer.update(state, inputs, targets)
       metrics = jax.device_get(metrics)  # waits for the call to finish
       if first_call_seconds is None:
@@ -309,6 +426,7 @@ def _train_r2rt(args: argparse.Namespace, resume: _Resume | None) -> int:
     "k1": args.k1,
     "k2": k2,
     "style": args.style,
+    **_truncation_summary(args, state, adapt),
     "optimizer": args.optimizer,
     "lr": args.lr,
     "clip": args.clip,
@@ -326,7 +444,7 @@ def _train_r2rt(args: argparse.Namespace, resume: _Resume | None) -> int:
   }
   print(
     f"{args.task}: {args.cell} x{args.layers} state {args.hidden}, batch {args.batch_size}, "
-    f"TBPTT(k1={args.k1}, k2={k2}, {args.style}), {args.steps} updates, "
+    f"{_truncation_text(args.k1, k2, args.style, artbp, args.delta)}, {args.steps} updates, "
     f"{tokens:,} tokens in {seconds:.1f} s ({tokens / seconds:,.0f} tokens/s)"
   )
   print(f"final loss {final_loss:.4f} nats (mean over the last 10% of updates)")
@@ -353,7 +471,7 @@ def _train_lm(args: argparse.Namespace, resume: _Resume | None) -> int:
     lr_decay=_pick(args.lr_decay, preset.lr_decay),
   )
   k1 = _pick(args.k1, preset.k)
-  k2 = _pick(args.k2, k1)
+  k2, artbp = _truncation_flags(args, k1)
   batch_size = _pick(args.batch_size, preset.batch_size)
   epochs = _pick(args.epochs, preset.epochs)
   optimizer_name = _pick(args.optimizer, "sgd")
@@ -397,6 +515,7 @@ def _train_lm(args: argparse.Namespace, resume: _Resume | None) -> int:
     max_grad_norm=None if clip is None else clip / k1,
     unroll=args.unroll,
     step_rngs=True,
+    artbp=artbp,
   )
   evaluate = lm.evaluator(model, batch_size=args.eval_batch_size)
   _check_eval_split(valid_tokens, args.eval_batch_size, "valid")
@@ -406,7 +525,8 @@ def _train_lm(args: argparse.Namespace, resume: _Resume | None) -> int:
     f"lm: {args.data} ({args.level} level, vocabulary {len(corpus.vocab):,}, "
     f"{len(train_tokens):,} / {len(valid_tokens):,} / {len(test_tokens):,} tokens); "
     f"{config.cell} x{config.layers} state {config.hidden}, dropout {config.dropout}, "
-    f"batch {batch_size}, TBPTT(k1={k1}, k2={k2}, {args.style}), {optimizer_name} "
+    f"batch {batch_size}, {_truncation_text(k1, k2, args.style, artbp, args.delta)}, "
+    f"{optimizer_name} "
     f"lr {schedule(0):g}, clip {clip}, {epochs} epochs of {updates_per_epoch} updates",
     flush=True,
   )
@@ -434,6 +554,10 @@ def _train_lm(args: argparse.Namespace, resume: _Resume | None) -> int:
     best_state = saves.restore_best(trainer, key, example)
     best = (position["best"]["valid_loss"], position["best"]["epoch"], best_state.params)
   log = _session.UpdateLog(out and os.path.join(out, "updates.csv"), position["updates"])
+  # The gradient's decay is measured without dropout: its masks are noise, not dependencies.
+  adapt = _AdaptiveK2.maybe(
+    args, model, lm.cross_entropy, trainer, out, position["updates"], lambda x: (x, None)
+  )
   if out is not None:  # the epochs the checkpoint holds, without any logged after it
     _files.atomic_write(
       os.path.join(out, "metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in history)
@@ -461,6 +585,8 @@ def _train_lm(args: argparse.Namespace, resume: _Resume | None) -> int:
       lr = float(schedule(state.step))
       chunks = itertools.islice(iterate_chunks(streams, chunk_len), skip, None)
       for chunk, (inputs, targets) in enumerate(chunks, skip + 1):
+        if adapt is not None:
+          state = adapt.before_call(chunk - 1, len(log), state, inputs, targets)
         state, metrics = trainer.update(state, inputs, targets)
         metrics = jax.device_get(metrics)  # waits for the call to finish
         if first_call_seconds is None:  # init, compilation and the first call
@@ -564,6 +690,7 @@ def _train_lm(args: argparse.Namespace, resume: _Resume | None) -> int:
     "k1": k1,
     "k2": k2,
     "style": args.style,
+    **_truncation_summary(args, state, adapt),
     "optimizer": optimizer_name,
     "lr": round(float(schedule(0)), 8),
     "decay_after": preset.decay_after,
@@ -840,7 +967,26 @@ def _gradient_summary(metrics: UpdateMetrics) -> dict:
     "grad_norm_median": float(np.median(metrics.grad_norm)),
     "clipped_fraction": round(float(np.mean(metrics.clipped)), 6),
     "nonfinite_updates": int(np.sum(metrics.nonfinite)),
+    "k2_mean": round(float(np.mean(metrics.k2)), 3) if len(metrics.k2) else None,
   }
+
+
+def _truncation_summary(args: argparse.Namespace, state: TrainState, adapt: Any) -> dict:
+  """The summary's keys for adaptive truncation and ARTBP."""
+  return {
+    "delta": args.delta,
+    "k2_final": int(state.k2),
+    "k2_choices": None if adapt is None else len(adapt.choices),
+    "artbp": None if args.artbp is None else {"mean_length": args.artbp, "alpha": args.artbp_alpha},
+  }
+
+
+def _truncation_text(k1: int, k2: Any, style: str, artbp: Any, delta: Any) -> str:
+  if delta is not None:
+    return f"adaptive TBPTT(k1={k1}, k2 in {list(k2)}, delta={delta:g}, {style})"
+  if artbp is not None:
+    return f"ARTBP(k1={k1}, k2={k2}, L0={artbp.mean_length:g}, alpha={artbp.alpha:g}, {style})"
+  return f"TBPTT(k1={k1}, k2={k2}, {style})"
 
 
 def _write_outputs(out: str, summary: dict, params: Any) -> None:

@@ -72,6 +72,7 @@ class UpdateMetrics(NamedTuple):
   clipped_grad_norm: jax.Array  # global norm of the gradient the optimizer received
   clipped: jax.Array  # bool: grad_norm exceeded max_grad_norm, so clipping scaled it down
   nonfinite: jax.Array  # bool: the gradient held a NaN or an infinity (its norm is not finite)
+  k2: jax.Array  # int32: the update's k2 (`TrainState.k2`; constant unless the trainer has several)
 
 
 class Trainer(NamedTuple):
@@ -307,6 +308,7 @@ def tbptt_trainer(
         clipped_grad_norm=grad_norm if clip is None else optax.tree.norm(grads),
         clipped=jnp.asarray(False) if clip is None else grad_norm > max_grad_norm,
         nonfinite=~finite,
+        k2=state.k2,
       )
       return state, metrics
 

@@ -104,8 +104,9 @@ def test_json_summary_and_outputs(tmp_path, capsys):
   with open(out / "metrics.csv") as f:
     rows = list(csv.DictReader(f))
   assert len(rows) == 30 and list(rows[0]) == [
-    "update", "loss", "grad_norm", "clipped_grad_norm", "clipped", "nonfinite",
+    "update", "loss", "grad_norm", "clipped_grad_norm", "clipped", "nonfinite", "k2",
   ]  # fmt: skip
+  assert {r["k2"] for r in rows} == {"6"} and summary["k2_mean"] == 6
   clipped = [float(r["grad_norm"]) > 1.0 for r in rows]
   assert [r["clipped"] == "True" for r in rows] == clipped
   assert summary["clipped_fraction"] == pytest.approx(np.mean(clipped))
@@ -135,6 +136,12 @@ def test_json_summary_and_outputs(tmp_path, capsys):
     (["train", "--cell", "transformer"], "argument --cell: invalid choice: 'transformer'"),
     (["train", "--style", "tf"], "argument --style: invalid choice: 'tf'"),
     (["train", "--bogus"], "unrecognized arguments: --bogus"),
+    (["train", "--k2", "10,20"], "--k2 10,20 is a list: it needs --delta (adaptive k2)"),
+    (["train", "--delta", "0.1"], "--delta needs --k2 to list the k2s to choose from"),
+    (["train", "--k2", "10,0", "--delta", "0.1"], "argument --k2: expected a positive int or"),
+    (["train", "--k2", "10,20", "--delta", "0.1", "--artbp", "4"], "--artbp and --delta are two"),
+    (["train", "--artbp", "4"], "artbp needs one k2 with segments of >= 2 steps"),
+    (["train", "--artbp", "4", "--k2", "20", "--artbp-alpha", "2"], "alpha must be > 2"),
   ],
 )
 def test_bad_input_is_one_line_and_status_2(argv, message, capsys):
@@ -154,6 +161,53 @@ def test_out_must_be_a_folder(tmp_path, capsys):
   assert (
     stderr == f"tbptt-jax: error: --out must be a folder, got the existing file {str(taken)!r}\n"
   )
+
+
+def test_adaptive_k2_and_artbp_runs_log_their_truncation_and_resume_exactly(
+  tmp_path, capsys, monkeypatch
+):
+  """--delta re-chooses k2 from the --k2 list and logs every choice (truncation.jsonl) and every
+  update's k2 (metrics.csv); a run stopped and resumed makes the same choices. --artbp trains."""
+  argv = ["train", "--steps", "24", "--updates-per-call", "4", "--k1", "4", "--k2", "4,8"]
+  argv += ["--delta", "0.1", "--adapt-every", "2", "--hidden", "3", "--batch-size", "8"]
+  out = tmp_path / "adaptive"
+  status, stdout, stderr = run([*argv, "--out", str(out), "--json"], capsys)
+  assert status == 0, stderr
+  summary = json.loads(stdout.strip().splitlines()[-1])
+  assert (summary["k2"], summary["delta"], summary["k2_choices"]) == ([4, 8], 0.1, 3)
+  assert "adaptive TBPTT(k1=4, k2 in [4, 8], delta=0.1, window)" in stdout
+  choices = [json.loads(line) for line in (out / "truncation.jsonl").read_text().splitlines()]
+  assert [c["update"] for c in choices] == [1, 9, 17]  # before every second call of 4 updates
+  with open(out / "metrics.csv") as f:
+    k2s = [int(r["k2"]) for r in csv.DictReader(f)]
+  assert k2s == [c["k2"] for c in choices for _ in range(8)]
+  assert summary["k2_final"] == choices[-1]["k2"] and all(0 < c["beta"] for c in choices)
+
+  stopped = tmp_path / "stopped"
+  save = checkpoint.save_checkpoint
+
+  def save_then_signal(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGTERM)
+    return save(*args, **kwargs)
+
+  monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_signal)
+  status, _, stderr = run([*argv, "--out", str(stopped), "--save-every", "12"], capsys)
+  assert status == 143, stderr
+  monkeypatch.setattr(checkpoint, "save_checkpoint", save)
+  status, _, stderr = run(["train", "--out", str(stopped), "--resume"], capsys)
+  assert status == 0, stderr
+  for name in ("truncation.jsonl", "metrics.csv", "params.msgpack"):
+    assert (stopped / name).read_bytes() == (out / name).read_bytes(), name
+
+  argv = ["train", "--steps", "8", "--updates-per-call", "4", "--k1", "4", "--k2", "12"]
+  argv += ["--artbp", "3", "--hidden", "3", "--batch-size", "8", "--json"]
+  status, stdout, stderr = run(argv, capsys)
+  assert status == 0, stderr
+  summary = json.loads(stdout.strip().splitlines()[-1])
+  assert summary["artbp"] == {"mean_length": 3.0, "alpha": 4.0} and np.isfinite(
+    summary["final_loss"]
+  )
+  assert "ARTBP(k1=4, k2=12, L0=3, alpha=4, window)" in stdout
 
 
 LM_SUMMARY_KEYS = SUMMARY_KEYS | {"valid_ppl", "test_ppl", "epochs"}

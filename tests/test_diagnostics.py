@@ -280,6 +280,7 @@ def test_plots_draw_every_diagnostic(linear_problem):
   metrics = tbptt_jax.UpdateMetrics(
     loss=np.ones(4), grad_norm=np.array([1.0, 8.0, np.nan, 2.0]), clipped_grad_norm=np.ones(4),
     clipped=np.array([False, True, False, False]), nonfinite=np.array([False, False, True, False]),
+    k2=np.full(4, 5),
   )  # fmt: skip
   plots.plot_grad_norms(metrics, max_grad_norm=5.0, ax=axes[2])
   assert [line.get_label() for line in axes[2].lines][-1] == "NaN / inf gradient"
