@@ -126,7 +126,15 @@ def adaptive_k2(
       inputs, targets = jax.tree.map(lambda a: a[:streams], (inputs, targets))
       carry = None if carry is None else jax.tree.map(lambda a: a[:streams], carry)
     profile = diagnostics.lag_profile(
-      model, loss_fn, params, inputs, targets, max_lag=max_lag, carry=carry, loss_chunk=loss_chunk
+      model,
+      loss_fn,
+      params,
+      inputs,
+      targets,
+      max_lag=max_lag,
+      carry=carry,
+      loss_chunk=loss_chunk,
+      parameters=False,  # the state norms are all the choice needs
     )
     norms = np.asarray(profile.state_norms, np.float64)
     beta = diagnostics.decay_rate(norms, min_lag=fit_from)

@@ -75,6 +75,7 @@ class LagProfile(NamedTuple):
   param_norms: jax.Array  # shape=[K + 1]: mean of ||step t-k's part of d mean_b l_t^b / d theta||
   losses: jax.Array  # shape=(), int32: how many loss steps t the norms average over, T - K
   gradient: Params  # the per-lag contributions summed over k <= K, averaged over all T losses
+  # (None with parameters=False)
 
 
 def lag_profile(
@@ -87,6 +88,7 @@ def lag_profile(
   max_lag: int,
   carry: Carry | None = None,
   loss_chunk: int | None = None,
+  parameters: bool = True,
 ) -> LagProfile:
   r"""Per-lag gradient norms of a model on a batch of sequences, in one jitted call.
 
@@ -122,6 +124,10 @@ def lag_profile(
     max_lag: K, the largest lag, 0 <= K < T.
     carry: the carry entering step 0; default the model's initial carry.
     loss_chunk: losses vmapped at once (memory grows with it); default all T.
+    parameters: if False, only `state_norms` are computed (`param_norms` are
+      zeros, `gradient` is None), from the T - K losses they average over, with
+      no parameter cotangents: far cheaper for large parameters (an LM's
+      embedding), e.g. for `adaptive_k2`.
 
   Returns:
     A `LagProfile`.
@@ -143,12 +149,16 @@ def lag_profile(
     )
   chunk = time if loss_chunk is None else _checks.positive_int(where, "loss_chunk", loss_chunk)
   carry = _initial_carry(where, model, inputs, carry, batch)
-  static = (model, loss_fn, int(max_lag), min(chunk, time))
+  static = (model, loss_fn, int(max_lag), min(chunk, time), bool(parameters))
   return _lag_profile(*static, params, carry, inputs, targets)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
-def _lag_profile(model, loss_fn, max_lag, chunk, params, carry, inputs, targets) -> LagProfile:
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
+def _lag_profile(
+  model, loss_fn, max_lag, chunk, with_params, params, carry, inputs, targets
+) -> LagProfile:
+  """`lag_profile`; with_params=False computes the state norms only (param_norms and
+  gradient zero), for the losses t >= K only: no parameter cotangents at all."""
   xs, ys = time_major((inputs, targets))
   time = jax.tree.leaves(xs)[0].shape[0]
   batch = jax.tree.leaves(xs)[0].shape[1]
@@ -166,6 +176,8 @@ def _lag_profile(model, loss_fn, max_lag, chunk, params, carry, inputs, targets)
       _checks.per_example_losses("lag_profile", losses, 1, batch)
       return jnp.sum(losses)
 
+    if not with_params:
+      return None, jax.grad(summed_loss, argnums=1)(params, y_t)
     head_grads, dy = jax.grad(summed_loss, argnums=(0, 1))(params, y_t)
     return jax.tree.map(lambda g: g / batch, head_grads), dy
 
@@ -179,8 +191,13 @@ def _lag_profile(model, loss_fn, max_lag, chunk, params, carry, inputs, targets)
       exists = tau >= 0
       tau = jnp.maximum(tau, 0)
       s_in, x_tau = _at(entering, tau), _at(xs, tau)
-      _, step_vjp = jax.vjp(lambda p, s: model.apply(p, s, x_tau), params, s_in)
       dy_k = jax.tree.map(lambda a: jnp.where(k == 0, a, jnp.zeros_like(a)), dy)
+      if not with_params:
+        _, state_vjp = jax.vjp(lambda s: model.apply(params, s, x_tau), s_in)
+        (ds_in,) = state_vjp((ds, dy_k))
+        norm = jnp.where(k == 0, _stream_norms(dy), _stream_norms(ds))
+        return (ds_in, grad_sum), (norm, jnp.zeros((), norm.dtype))
+      _, step_vjp = jax.vjp(lambda p, s: model.apply(p, s, x_tau), params, s_in)
       dparams, ds_in = step_vjp((ds, dy_k))
       # c_{t,k}: the batch mean's gradient, the head's part at lag 0.
       c = jax.tree.map(
@@ -193,13 +210,15 @@ def _lag_profile(model, loss_fn, max_lag, chunk, params, carry, inputs, targets)
       return (ds_in, grad_sum), (state_norm, param_norm)
 
     ds0 = jax.tree.map(jnp.zeros_like, carry)
-    zeros = jax.tree.map(jnp.zeros_like, params)
+    zeros = jax.tree.map(jnp.zeros_like, params) if with_params else ()
     (_, grad_sum), per_lag = jax.lax.scan(lag_step, (ds0, zeros), jnp.arange(max_lag + 1))
     return per_lag, grad_sum
 
   # Losses in chunks of `chunk`, the last chunk padded with repeats of step T - 1, masked.
-  n_chunks = -(-time // chunk)
-  ts = jnp.arange(n_chunks * chunk).reshape(n_chunks, chunk)
+  # Without parameters only the losses that reach back K steps are needed.
+  first = 0 if with_params else max_lag
+  n_chunks = -(-(time - first) // chunk)
+  ts = first + jnp.arange(n_chunks * chunk).reshape(n_chunks, chunk)
 
   def chunk_step(totals, ts):
     real = ts < time
@@ -217,7 +236,7 @@ def _lag_profile(model, loss_fn, max_lag, chunk, params, carry, inputs, targets)
   totals = (
     jnp.zeros((max_lag + 1,), dtype),
     jnp.zeros((max_lag + 1,), dtype),
-    jax.tree.map(jnp.zeros_like, params),
+    jax.tree.map(jnp.zeros_like, params) if with_params else (),
   )
   (state_sum, param_sum, grad), _ = jax.lax.scan(chunk_step, totals, ts)
   losses = time - max_lag
@@ -225,7 +244,7 @@ def _lag_profile(model, loss_fn, max_lag, chunk, params, carry, inputs, targets)
     state_norms=state_sum / (losses * batch),
     param_norms=param_sum / losses,
     losses=jnp.asarray(losses, jnp.int32),
-    gradient=jax.tree.map(lambda g: g / time, grad),
+    gradient=jax.tree.map(lambda g: g / time, grad) if with_params else None,
   )
 
 

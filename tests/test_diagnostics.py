@@ -94,7 +94,13 @@ def test_decay_rate_of_a_scaled_orthogonal_rnn_is_its_scale():
   with jax.enable_x64(True):
     model = linear_rnn(W, U)
     profile = diagnostics.lag_profile(model, squared_error, model.init(None, None), x, y, max_lag=5)
+    # The state norms alone (no parameter cotangents, as adaptive_k2 measures): the same.
+    lean = diagnostics.lag_profile(
+      model, squared_error, model.init(None, None), x, y, max_lag=5, parameters=False
+    )
   assert diagnostics.decay_rate(profile.state_norms) == pytest.approx(rho, rel=1e-10)
+  np.testing.assert_allclose(lean.state_norms, profile.state_norms, rtol=1e-12)
+  assert lean.gradient is None and lean.losses == profile.losses
 
 
 def test_decay_rate_recovers_beta_from_noisy_geometric_norms():
