@@ -18,8 +18,8 @@ A path from l_t back to step j survives with probability prod_{j<i<=t}
 (1 - c_i) and, when it does, carries the weight 1 / prod (1 - c_i): its
 expected contribution is its full-BPTT contribution, so the gradient is an
 unbiased estimate of the full-BPTT gradient (at fixed parameters), for the
-price of some variance. With this schedule segments average about L0 steps;
-their lengths have a tail P(delta >= n) ~ n^-(alpha - 1), so the gradient's
+price of some variance. With this schedule segments average L0 steps; their
+lengths have a tail P(length >= n) ~ n^-(alpha - 1), so the gradient's
 variance is finite for alpha > 3 (the paper uses alpha = 4 or 6).
 
 Here the truncation is a cell transformation, `artbp_cell`: its carry holds
@@ -33,7 +33,7 @@ k2 steps holds segments of at most `max_length` = k2 - k1 + 1 steps, so the
 cell cuts unconditionally (c_t = 1) once a segment reaches that length. The
 estimate is unbiased as long as no segment reaches it; with alpha = 4 the
 chance that one does is about ((alpha - 2) L0 / ((alpha - 2) L0 + n))^3 per
-segment for n = max_length, e.g. 1.5% for L0 = 10, n = 100 and 0.01% for n = 500.
+segment for n = max_length: 0.4% for L0 = 10 and n = 100, 0.005% for n = 500.
 
 References:
   Tallec & Ollivier, "Unbiasing Truncated Backpropagation Through Time",
