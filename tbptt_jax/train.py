@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from tbptt_jax import _checks
+from tbptt_jax import _checks, sharding
 from tbptt_jax.cells import Carry, Cell, Params
 from tbptt_jax.truncation import (
   Lookback,
@@ -105,6 +105,7 @@ def tbptt_trainer(
   step_rngs: bool = False,
   skip_nonfinite: bool = True,
   remat: int | None = None,
+  mesh: jax.sharding.Mesh | None = None,
 ) -> Trainer:
   """Builds a jitted TBPTT(k1, k2) training step for a recurrent model.
 
@@ -135,6 +136,10 @@ def tbptt_trainer(
     remat: if set, backward windows run in `jax.checkpoint`-ed segments of
       this many steps: memory of about k2 / remat carries instead of k2 steps'
       intermediates, for one more forward pass (see `tbptt_gradients`).
+    mesh: if set, train data-parallel on this `jax.sharding.Mesh`: the streams
+      are split over its "data" axis, parameters replicated, and host data are
+      this process's streams (see `tbptt_jax.sharding`); batch must be a
+      multiple of the axis size. None: one device, as without it.
 
   Returns:
     A `Trainer(init, update, reset)`.
@@ -267,4 +272,6 @@ def tbptt_trainer(
     carry, lookback = start_of_sequence(x_t)
     return state._replace(**jax.tree.map(jnp.copy, dict(carry=carry, lookback=lookback)))
 
+  if mesh is not None:  # the same update, its streams split over the mesh's devices
+    return Trainer(*sharding.data_parallel(mesh, init, update, reset))
   return Trainer(init=init, update=jax.jit(update, donate_argnums=0), reset=reset)
