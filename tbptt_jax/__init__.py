@@ -10,6 +10,7 @@ long sequence in order. Modules, one idea each:
   truncation  TBPTT(k1, k2), window and per-loss styles: `tbptt_gradients`
   streams     parallel streams of one long sequence: `batchify`, chunks
   train       the optax-style training factory `tbptt_trainer`
+  sharding    data-parallel training over devices and hosts: `data_mesh`
   checkpoint  whole-run checkpoints, atomic and checksummed
   diagnostics per-lag gradient norms, Jacobian products, truncation bias
   plots       figures of the diagnostics and training metrics (matplotlib)
@@ -23,7 +24,7 @@ as `truncation.block_gradients`, `truncation.scan_blocks`, `unroll.scan_steps`)
 are the engine's building blocks, documented for those who extend it.
 """
 
-from tbptt_jax import checkpoint, data, diagnostics, lm, plots, synthetic
+from tbptt_jax import checkpoint, data, diagnostics, lm, plots, sharding, synthetic
 from tbptt_jax.cells import CELL_NAMES as CELL_NAMES
 from tbptt_jax.cells import Cell as Cell
 from tbptt_jax.cells import ElmanParams as ElmanParams
@@ -34,6 +35,7 @@ from tbptt_jax.cells import feedforward as feedforward
 from tbptt_jax.cells import flax_cell as flax_cell
 from tbptt_jax.cells import stack as stack
 from tbptt_jax.cells import with_head as with_head
+from tbptt_jax.sharding import data_mesh as data_mesh
 from tbptt_jax.streams import batchify as batchify
 from tbptt_jax.streams import iterate_chunks as iterate_chunks
 from tbptt_jax.train import Trainer as Trainer
@@ -58,6 +60,7 @@ __all__ = (
   "cell_by_name",
   "checkpoint",
   "data",
+  "data_mesh",
   "diagnostics",
   "elman",
   "elman_step",
@@ -66,6 +69,7 @@ __all__ = (
   "iterate_chunks",
   "lm",
   "plots",
+  "sharding",
   "stack",
   "synthetic",
   "tbptt_gradients",

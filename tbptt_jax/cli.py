@@ -24,6 +24,7 @@ import flax.serialization
 import jax
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from tbptt_jax import _files, _session, checkpoint, lm, sharding, synthetic
@@ -903,8 +904,6 @@ def _stopping(interrupts: _session.Interrupts) -> bool:
   """Whether a signal stops the run at this call boundary; on several processes, all stop
   together when any got one (saving is a collective), deciding on the gathered flags only."""
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-
     signals = multihost_utils.process_allgather(np.int32(interrupts.signal or 0))
     if not signals.max():
       return False

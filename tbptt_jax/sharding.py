@@ -44,6 +44,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 DATA = "data"  # the mesh axis the streams are split over
@@ -165,7 +166,7 @@ def shard_batch(tree: Any, mesh: Mesh, *, where: str = "shard_batch", name: str 
   def one(leaf: Any) -> Any:
     if isinstance(leaf, jax.core.Tracer):
       return leaf
-    if isinstance(leaf, jax.Array) and (leaf.sharding == target or not leaf.is_fully_addressable):
+    if isinstance(leaf, jax.Array) and (_placed(leaf, target) or not leaf.is_fully_addressable):
       return _place(leaf, target)
     shape = np.shape(leaf)
     if not shape or shape[0] % count:
@@ -204,8 +205,6 @@ def to_host(tree: Any) -> Any:
       return np.asarray(leaf)
     if leaf.is_fully_addressable or leaf.is_fully_replicated:
       return jax.device_get(leaf)
-    from jax.experimental import multihost_utils
-
     return np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
 
   return jax.tree.map(one, tree)
@@ -289,9 +288,7 @@ def _process_block(where: str, mesh: Mesh) -> tuple[int, int]:
 
 def _place(leaf: Any, sharding: NamedSharding) -> Any:
   """`leaf` with `sharding`: as it is, resharded if global, else copied from its whole value."""
-  if isinstance(leaf, jax.core.Tracer) or (
-    isinstance(leaf, jax.Array) and leaf.sharding == sharding
-  ):
+  if isinstance(leaf, jax.core.Tracer) or _placed(leaf, sharding):
     return leaf
   if isinstance(leaf, jax.Array) and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
     # Placed as raw key data: device_put cannot send a typed key to other processes' devices.
@@ -302,3 +299,10 @@ def _place(leaf: Any, sharding: NamedSharding) -> Any:
   if not sharding.is_fully_addressable:
     leaf = np.asarray(leaf)  # the whole value, the same on every process
   return jax.device_put(leaf, sharding)
+
+
+def _placed(leaf: Any, sharding: NamedSharding) -> bool:
+  """Whether `leaf` is an array laid out as `sharding` (equal, or equivalent: same devices)."""
+  return isinstance(leaf, jax.Array) and (
+    leaf.sharding == sharding or leaf.sharding.is_equivalent_to(sharding, leaf.ndim)
+  )
