@@ -59,8 +59,9 @@ PRESETS = {
 }
 
 
-def jax_trainer(p: Preset, unroll: int | bool = 1) -> tj.Trainer:
-  """The preset's tbptt_jax trainer (`unroll` is passed to the scan over time)."""
+def jax_trainer(p: Preset, unroll: int | bool = 1, mesh=None) -> tj.Trainer:
+  """The preset's tbptt_jax trainer (`unroll` is passed to the scan over time; `mesh` splits
+  the streams over devices, see `benchmarks/scaling.py`)."""
   if p.cell == "elman":
     model = synthetic.model(tj.elman(p.hidden))
     optimizer = optax.adam(p.lr)
@@ -72,7 +73,9 @@ def jax_trainer(p: Preset, unroll: int | bool = 1) -> tj.Trainer:
     optimizer = lm.zaremba_sgd(p.k, p.lr, p.clip)
     loss_fn = lm.cross_entropy
     step_rngs = True
-  return tj.tbptt_trainer(model, loss_fn, optimizer, k1=p.k, step_rngs=step_rngs, unroll=unroll)
+  return tj.tbptt_trainer(
+    model, loss_fn, optimizer, k1=p.k, step_rngs=step_rngs, unroll=unroll, mesh=mesh
+  )
 
 
 def jax_runner(p: Preset, tokens: np.ndarray, unroll: int | bool = 1):

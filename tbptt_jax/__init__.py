@@ -12,6 +12,7 @@ long sequence in order. Modules, one idea each:
   train       the optax-style training factory `tbptt_trainer`
   adaptive    adaptive k2 for a tolerated bias (Aicher et al. 2019)
   artbp       unbiased random truncation, ARTBP (Tallec & Ollivier 2017)
+  sharding    data-parallel training over devices and hosts: `data_mesh`
   checkpoint  whole-run checkpoints, atomic and checksummed
   diagnostics per-lag gradient norms, Jacobian products, truncation bias
   plots       figures of the diagnostics and training metrics (matplotlib)
@@ -25,7 +26,17 @@ as `truncation.block_gradients`, `truncation.scan_blocks`, `unroll.scan_steps`)
 are the engine's building blocks, documented for those who extend it.
 """
 
-from tbptt_jax import adaptive, artbp, checkpoint, data, diagnostics, lm, plots, synthetic
+from tbptt_jax import (
+  adaptive,
+  artbp,
+  checkpoint,
+  data,
+  diagnostics,
+  lm,
+  plots,
+  sharding,
+  synthetic,
+)
 from tbptt_jax.adaptive import K2Choice as K2Choice
 from tbptt_jax.adaptive import adaptive_k2 as adaptive_k2
 from tbptt_jax.artbp import ARTBP as ARTBP
@@ -41,6 +52,7 @@ from tbptt_jax.cells import feedforward as feedforward
 from tbptt_jax.cells import flax_cell as flax_cell
 from tbptt_jax.cells import stack as stack
 from tbptt_jax.cells import with_head as with_head
+from tbptt_jax.sharding import data_mesh as data_mesh
 from tbptt_jax.streams import batchify as batchify
 from tbptt_jax.streams import iterate_chunks as iterate_chunks
 from tbptt_jax.train import Trainer as Trainer
@@ -72,6 +84,7 @@ __all__ = (
   "cell_by_name",
   "checkpoint",
   "data",
+  "data_mesh",
   "diagnostics",
   "elman",
   "elman_step",
@@ -80,6 +93,7 @@ __all__ = (
   "iterate_chunks",
   "lm",
   "plots",
+  "sharding",
   "stack",
   "synthetic",
   "tbptt_gradients",

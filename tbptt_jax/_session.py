@@ -22,6 +22,9 @@ from tbptt_jax.train import UpdateMetrics
 
 # Arguments that are not part of a run's settings at all.
 NOT_SAVED = frozenset({"command", "run", "out", "json", "resume"})
+# Where a run runs, not what it computes (up to float reduction order): never saved, so a
+# run resumes on another device count or cluster, and each process keeps its own --process-id.
+NOT_SAVED |= {"devices", "coordinator", "num_processes", "process_id", "distributed"}
 # Saved settings that do not change what a run computes: --resume keeps them unless given anew.
 OVERRIDABLE = frozenset({"save_every", "keep", "max_nonfinite"})
 
@@ -75,10 +78,12 @@ class UpdateLog:
 
   On resume the file is cut back to the updates the checkpoint holds: a run
   killed after its last checkpoint may have logged calls that it will redo.
+  With `write=False` (processes other than 0 of a multi-host run) it reads the
+  file on resume and keeps the metrics, but never writes.
   """
 
-  def __init__(self, path: str | None, updates: int = 0) -> None:
-    self.path = path
+  def __init__(self, path: str | None, updates: int = 0, write: bool = True) -> None:
+    self.path, self.write = path, write
     self.metrics: list[UpdateMetrics] = []
     if path is None:
       return
@@ -116,7 +121,7 @@ class UpdateLog:
     return sum(len(m.loss) for m in self.metrics)
 
   def _write_rows(self, metrics: UpdateMetrics | None, first: int, header: bool = False) -> None:
-    if self.path is None:
+    if self.path is None or not self.write:
       return
     text = self._csv(metrics, first, header)
     if header:

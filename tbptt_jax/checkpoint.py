@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import msgpack
 import numpy as np
 
-from tbptt_jax import _files
+from tbptt_jax import _files, sharding
 from tbptt_jax.train import TrainState
 
 FORMAT = "tbptt_jax.checkpoint"
@@ -63,6 +63,11 @@ def save_checkpoint(
 ) -> str:
   """Writes `state` and `meta` to `directory`, atomically; returns the file's path.
 
+  A state split over devices (`tbptt_trainer(..., mesh=...)`) is gathered
+  whole, so the file does not depend on the device count. On several
+  processes, call it on every process (the gather is a collective); only
+  process 0 writes.
+
   Args:
     directory: the checkpoint folder (created if missing).
     state: the `TrainState` to save (read, not donated).
@@ -82,11 +87,14 @@ def save_checkpoint(
     json.dumps(meta)
   except (TypeError, ValueError) as e:
     raise ValueError(f"{where}: meta must be JSON-able, got {e}") from None
-  os.makedirs(directory, exist_ok=True)
-  step = int(jax.device_get(state.step))
+  # Every process gathers (a collective when the streams are split across hosts); one writes.
+  state = sharding.to_host(state)
+  step = int(state.step)
   file = f"step_{step:010d}{SUFFIX}" if name is None else f"{name}{SUFFIX}"
   path = os.path.join(os.fspath(directory), file)
-  state = jax.device_get(state)
+  if jax.process_index() != 0:
+    return path
+  os.makedirs(directory, exist_ok=True)
   rng_impl = None  # a typed PRNG key is saved as its raw data and the name of its generator
   if jax.dtypes.issubdtype(state.rng.dtype, jax.dtypes.prng_key):
     rng_impl = str(jax.random.key_impl(state.rng))
@@ -139,7 +147,9 @@ def load_checkpoint(path: str | os.PathLike[str], like: TrainState) -> Checkpoin
     path: a file written by `save_checkpoint`.
     like: a `TrainState` of the run to continue (e.g. `trainer.init(...)`, or
       `jax.eval_shape` of it): the restored arrays must have its tree structure,
-      shapes and dtypes.
+      shapes and dtypes. They are restored whole, on the default device; a
+      sharded trainer places them on its mesh, of any size, at its next
+      `update` (or `sharding.place_state`).
 
   Returns:
     A `Checkpoint(state, meta, path)`.

@@ -24,9 +24,10 @@ import flax.serialization
 import jax
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from tbptt_jax import _files, _session, checkpoint, lm, synthetic
+from tbptt_jax import _files, _session, checkpoint, lm, sharding, synthetic
 from tbptt_jax._checks import STYLES
 from tbptt_jax.adaptive import adaptive_k2
 from tbptt_jax.artbp import ARTBP
@@ -171,6 +172,7 @@ def _parser() -> argparse.ArgumentParser:
     help="stop after this many updates in a row with NaN/inf gradients (default 10)",
   )
   train.add_argument("--json", action="store_true", help="end stdout with a JSON summary line")
+  _add_device_flags(train)
   lm_flags = train.add_argument_group("language modelling (--task lm)")
   lm_flags.add_argument("--data", help="folder of train/valid/test text files")
   lm_flags.add_argument("--level", choices=LEVELS, default="word", help="tokens: words or chars")
@@ -245,6 +247,9 @@ def _truncation_flags(args: argparse.Namespace, k1: int) -> tuple[int | tuple[in
     raise ValueError(f"--delta needs --k2 to list the k2s to choose from, e.g. 10,20,50, got {k2}")
   if args.artbp is not None and args.delta is not None:
     raise ValueError("--artbp and --delta are two ways to choose truncation: give one")
+  if args.delta is not None and jax.process_count() > 1:
+    # Each process would measure its own streams and could choose another k2.
+    raise ValueError(f"--delta runs on one process, got {jax.process_count()} processes")
   config = None if args.artbp is None else ARTBP(args.artbp, args.artbp_alpha)
   return k2, config
 
@@ -327,11 +332,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+  mesh = _data_mesh(args)  # first: jax.distributed must start before JAX's backends
   if args.data is not None:
     args.data = os.path.abspath(args.data)  # a run resumes from any working folder
   resume = _resume_point(args)
   if args.task == "lm":
-    return _train_lm(args, resume)
+    return _train_lm(args, resume, mesh)
   for flag, name in (
     ("--data", "data"),
     ("--epochs", "epochs"),
@@ -347,10 +353,10 @@ def _train(args: argparse.Namespace) -> int:
   for name, value in R2RT_DEFAULTS.items():
     if getattr(args, name) is None:
       setattr(args, name, value)
-  return _train_r2rt(args, resume)
+  return _train_r2rt(args, resume, mesh)
 
 
-def _train_r2rt(args: argparse.Namespace, resume: _Resume | None) -> int:
+def _train_r2rt(args: argparse.Namespace, resume: _Resume | None, mesh: Any) -> int:
   k2, artbp = _truncation_flags(args, args.k1)
   out = _prepare_out(args.out)
   model = synthetic.model(*(cell_by_name(args.cell, args.hidden) for _ in range(args.layers)))
@@ -365,19 +371,29 @@ def _train_r2rt(args: argparse.Namespace, resume: _Resume | None) -> int:
     max_grad_norm=args.clip,
     unroll=args.unroll,
     artbp=artbp,
+    mesh=mesh,
   )
   # Every update sees k1 new steps of each of the batch_size streams.
   xs, ys = synthetic.streams(args.seed, args.batch_size, args.steps * args.k1)
+  xs, ys = _own_streams(mesh, xs), _own_streams(mesh, ys)
   position = {"calls": 0, "updates": 0, "seconds": 0.0} if resume is None else resume.meta
-  saves = _Checkpoints(out, args)
+  saves = _Checkpoints(args)
   start = time.perf_counter()
-  state = saves.restore(resume, trainer, jax.random.key(args.seed), xs[:, : args.k1])
-  log = _session.UpdateLog(out and os.path.join(out, "metrics.csv"), position["updates"])
+  example = _global_batch(mesh, xs[:, : args.k1])
+  state = saves.restore(resume, trainer, jax.random.key(args.seed), example)
+  log = _update_log(args, "metrics.csv", position["updates"])
   adapt = _AdaptiveK2.maybe(args, model, loss_fn, trainer, out, position["updates"], lambda x: x)
   chunks = iterate_chunks(xs, args.updates_per_call * args.k1, targets=ys)
   guard = _NonfiniteGuard(args.max_nonfinite)
   first_call_seconds = first_call_updates = None  # init, compilation, first call
-  bar = tqdm(total=args.steps, initial=len(log), unit="update", file=sys.stderr, mininterval=0.5)
+  bar = tqdm(
+    total=args.steps,
+    initial=len(log),
+    unit="update",
+    file=sys.stderr,
+    mininterval=0.5,
+    disable=jax.process_index() > 0,
+  )
   with _session.Interrupts() as interrupts, bar:
     # A resumed run skips the calls its checkpoint holds.
     for calls, (inputs, targets) in enumerate(
@@ -441,6 +457,7 @@ def _train_r2rt(args: argparse.Namespace, resume: _Resume | None) -> int:
     **_gradient_summary(history),
     "reference_losses": {k: round(v, 4) for k, v in levels._asdict().items()},
     "backend": jax.default_backend(),
+    **_device_summary(mesh),
   }
   print(
     f"{args.task}: {args.cell} x{args.layers} state {args.hidden}, batch {args.batch_size}, "
@@ -460,7 +477,7 @@ def _train_r2rt(args: argparse.Namespace, resume: _Resume | None) -> int:
   return 0
 
 
-def _train_lm(args: argparse.Namespace, resume: _Resume | None) -> int:
+def _train_lm(args: argparse.Namespace, resume: _Resume | None, mesh: Any) -> int:
   if args.data is None:
     raise ValueError("--task lm needs --data DIR, a folder of train/valid/test text files")
   if args.steps is not None:
@@ -516,8 +533,9 @@ def _train_lm(args: argparse.Namespace, resume: _Resume | None) -> int:
     unroll=args.unroll,
     step_rngs=True,
     artbp=artbp,
+    mesh=mesh,
   )
-  evaluate = lm.evaluator(model, batch_size=args.eval_batch_size)
+  evaluate = _on_one_device(mesh, lm.evaluator(model, batch_size=args.eval_batch_size))
   _check_eval_split(valid_tokens, args.eval_batch_size, "valid")
   _check_eval_split(test_tokens, args.eval_batch_size, "test")
 
@@ -544,8 +562,9 @@ def _train_lm(args: argparse.Namespace, resume: _Resume | None) -> int:
       "best": None,  # {"valid_loss", "epoch"}; its parameters are checkpoints/best.ckpt
     }
   )
-  saves = _Checkpoints(out, args)
-  key, example = jax.random.key(args.seed), streams[:, :k1]
+  streams = _own_streams(mesh, streams)
+  saves = _Checkpoints(args)
+  key, example = jax.random.key(args.seed), _global_batch(mesh, streams[:, :k1])
   start = time.perf_counter()
   state = saves.restore(resume, trainer, key, example)
   history = list(position["history"])
@@ -553,7 +572,7 @@ def _train_lm(args: argparse.Namespace, resume: _Resume | None) -> int:
   if position["best"] is not None:
     best_state = saves.restore_best(trainer, key, example)
     best = (position["best"]["valid_loss"], position["best"]["epoch"], best_state.params)
-  log = _session.UpdateLog(out and os.path.join(out, "updates.csv"), position["updates"])
+  log = _update_log(args, "updates.csv", position["updates"])
   # The gradient's decay is measured without dropout: its masks are noise, not dependencies.
   adapt = _AdaptiveK2.maybe(
     args, model, lm.cross_entropy, trainer, out, position["updates"], lambda x: (x, None)
@@ -572,6 +591,7 @@ def _train_lm(args: argparse.Namespace, resume: _Resume | None) -> int:
     unit="update",
     file=sys.stderr,
     mininterval=1,
+    disable=jax.process_index() > 0,
   )
   with _session.Interrupts() as interrupts, bar:
     for epoch in range(position["epoch"], epochs + 1):
@@ -659,7 +679,7 @@ def _train_lm(args: argparse.Namespace, resume: _Resume | None) -> int:
       }
       start = time.perf_counter()
       saves.save(state, position)  # every epoch's end
-      if interrupts.signal is not None:
+      if _stopping(interrupts):
         return saves.interrupted(state, position, interrupts)
   _, best_epoch, best_params = best
   test = evaluate(best_params, test_tokens)
@@ -717,6 +737,7 @@ def _train_lm(args: argparse.Namespace, resume: _Resume | None) -> int:
     if args.level == "word" and os.path.isfile(os.path.join(args.data, "ptb.train.txt"))
     else None,
     "backend": jax.default_backend(),
+    **_device_summary(mesh),
   }
   print(
     f"best valid ppl {summary['valid_ppl']:.2f} (epoch {best_epoch}), test ppl "
@@ -779,9 +800,10 @@ class _Checkpoints:
   """Where and when a command-line run saves: every --save-every updates, at the end of
   each epoch and of the run, on SIGINT / SIGTERM, and when it stops on NaN gradients."""
 
-  def __init__(self, out: str | None, args: argparse.Namespace) -> None:
-    self.folder = None if out is None else os.path.join(out, "checkpoints")
-    self.out = out
+  def __init__(self, args: argparse.Namespace) -> None:
+    # Every process saves (a collective gather); only process 0 writes (`save_checkpoint`).
+    self.folder = None if args.out is None else os.path.join(args.out, "checkpoints")
+    self.out = args.out
     self.run_args = _session.run_arguments(args)
     self.every, self.keep = args.save_every, args.keep
 
@@ -823,7 +845,7 @@ class _Checkpoints:
     done, saved = position["updates"], None
     if done // self.every > (done - len(metrics.loss)) // self.every:
       saved = self.save(state, position)
-    if interrupts.signal is not None:  # perhaps received during that save
+    if _stopping(interrupts):  # perhaps received during that save
       return self.interrupted(state, position, interrupts, saved)
     return None
 
@@ -882,6 +904,145 @@ class _NonfiniteGuard:
           f"(--max-nonfinite {self.limit}); the parameters are those before them"
         )
     return None
+
+
+def _add_device_flags(train: argparse.ArgumentParser) -> None:
+  flags = train.add_argument_group(
+    "several devices and hosts",
+    "the streams (--batch-size) are split over the devices of every process; only process 0 "
+    "writes --out",
+  )
+  flags.add_argument(
+    "--devices",
+    type=_device_count,
+    default=1,
+    metavar="N|all",
+    help="devices of each process to split the streams over (default 1)",
+  )
+  flags.add_argument(
+    "--coordinator",
+    metavar="HOST:PORT",
+    help="process 0's address for jax.distributed (with --num-processes and --process-id)",
+  )
+  flags.add_argument("--num-processes", type=_positive(int), help="processes in the run")
+  flags.add_argument("--process-id", type=_process_id, help="this process's number, 0..N-1")
+  flags.add_argument(
+    "--distributed",
+    action="store_true",
+    help="jax.distributed.initialize() from the cluster's environment (SLURM, Open MPI, TPU)",
+  )
+
+
+def _device_count(text: str) -> int | str:
+  if text == "all":
+    return text
+  return _positive(int)(text)
+
+
+def _process_id(text: str) -> int:
+  if not text.isdigit():
+    raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+  return int(text)
+
+
+def _data_mesh(args: argparse.Namespace) -> Any:
+  """Joins the run's other processes if asked, then the mesh of --devices; None for one device."""
+  trio = {
+    "--coordinator": args.coordinator,
+    "--num-processes": args.num_processes,
+    "--process-id": args.process_id,
+  }
+  given = [flag for flag, value in trio.items() if value is not None]
+  if args.distributed and given:
+    raise ValueError(f"--distributed reads the processes from the environment; drop {given[0]}")
+  if given and len(given) < 3:
+    raise ValueError(
+      "--coordinator, --num-processes and --process-id go together, got only " + " and ".join(given)
+    )
+  if given:
+    if args.process_id >= args.num_processes:
+      raise ValueError(
+        f"--process-id must be below --num-processes {args.num_processes}, got {args.process_id}"
+      )
+    host, _, port = args.coordinator.rpartition(":")
+    if not host or not port.isdigit():
+      raise ValueError(f"--coordinator must be HOST:PORT, got {args.coordinator!r}")
+  if given or args.distributed:
+    if jax.config.jax_cpu_collectives_implementation is None:  # older JAX: none on CPU
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    try:
+      jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    except (RuntimeError, ValueError) as e:
+      raise ValueError(f"jax.distributed.initialize failed: {str(e).splitlines()[0]}") from None
+  local = jax.local_devices()
+  per_process = len(local) if args.devices == "all" else args.devices
+  if per_process > len(local):
+    hint = ""
+    if jax.default_backend() == "cpu":
+      hint = " (on CPU, XLA_FLAGS=--xla_force_host_platform_device_count=N makes N devices)"
+    raise ValueError(
+      f"--devices {args.devices}: this process has {len(local)} {jax.default_backend()} "
+      f"device(s){hint}"
+    )
+  if jax.process_count() == 1 and per_process == 1:
+    return None  # one device: the trainer without a mesh
+  devices = []
+  for process in range(jax.process_count()):
+    own = [d for d in jax.devices() if d.process_index == process]
+    if len(own) < per_process:
+      raise ValueError(
+        f"--devices {args.devices}: process {process} has {len(own)} device(s), fewer than "
+        f"{per_process}"
+      )
+    devices += own[:per_process]
+  return sharding.data_mesh(devices)
+
+
+def _own_streams(mesh: Any, streams: np.ndarray) -> np.ndarray:
+  """This process's block of streams (all of them without a mesh)."""
+  if mesh is None:
+    return streams
+  batch, count = streams.shape[0], mesh.shape[sharding.DATA]
+  if batch % count:
+    raise ValueError(
+      f"--batch-size {batch} must be a multiple of the {count} devices the streams are split "
+      f"over (--devices x processes)"
+    )
+  return streams[sharding.process_streams(mesh, batch)]
+
+
+def _global_batch(mesh: Any, chunk: np.ndarray) -> Any:
+  """This process's streams as the global batch, whose shape the run's state is built for."""
+  return chunk if mesh is None else sharding.shard_batch(chunk, mesh)
+
+
+def _on_one_device(mesh: Any, evaluate: Any) -> Any:
+  """`evaluate` on this process's first device: a forward pass, the same on every process."""
+  if mesh is None:
+    return evaluate
+  device = jax.local_devices()[0]
+  return lambda params, tokens: evaluate(jax.device_put(sharding.to_host(params), device), tokens)
+
+
+def _update_log(args: argparse.Namespace, name: str, updates: int) -> _session.UpdateLog:
+  """The per-update log in --out; other processes than 0 read it (on resume) but never write."""
+  path = None if args.out is None else os.path.join(args.out, name)
+  return _session.UpdateLog(path, updates, write=jax.process_index() == 0)
+
+
+def _stopping(interrupts: _session.Interrupts) -> bool:
+  """Whether a signal stops the run at this call boundary; on several processes, all stop
+  together when any got one (saving is a collective), deciding on the gathered flags only."""
+  if jax.process_count() > 1:
+    signals = multihost_utils.process_allgather(np.int32(interrupts.signal or 0))
+    if not signals.max():
+      return False
+    interrupts.signal = interrupts.signal or int(signals.max())
+  return interrupts.signal is not None
+
+
+def _device_summary(mesh: Any) -> dict:
+  return {"devices": 1 if mesh is None else mesh.size, "processes": jax.process_count()}
 
 
 def _pick(value: Any, default: Any) -> Any:
@@ -948,7 +1109,8 @@ def _append_jsonl(path: str, record: dict) -> None:
 
 
 def _prepare_out(out: str | None) -> str | None:
-  if out is None:
+  """The folder to write to, or None; None on processes other than 0, which write nothing."""
+  if out is None or jax.process_index() > 0:
     return None
   if os.path.exists(out) and not os.path.isdir(out):
     raise ValueError(f"--out must be a folder, got the existing file {out!r}")

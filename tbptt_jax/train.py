@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from tbptt_jax import _checks
+from tbptt_jax import _checks, sharding
 from tbptt_jax import artbp as _artbp
 from tbptt_jax.cells import Carry, Cell, Params
 from tbptt_jax.truncation import (
@@ -117,6 +117,7 @@ def tbptt_trainer(
   skip_nonfinite: bool = True,
   remat: int | None = None,
   artbp: _artbp.ARTBP | None = None,
+  mesh: jax.sharding.Mesh | None = None,
 ) -> Trainer:
   """Builds a jitted TBPTT(k1, k2) training step for a recurrent model.
 
@@ -158,6 +159,10 @@ def tbptt_trainer(
       of the fixed cut at its start; needs a single k2 > k1 in window style
       (segments of at most k2 - k1 + 1 steps) or k2 >= 2 in per-loss style
       (at most k2 steps). The model's carry becomes an `ARTBPCarry`.
+    mesh: if set, train data-parallel on this `jax.sharding.Mesh`: the streams
+      are split over its "data" axis, parameters replicated, and host data are
+      this process's streams (see `tbptt_jax.sharding`); batch must be a
+      multiple of the axis size. None: one device, as without it.
 
   Returns:
     A `Trainer(init, update, reset)`.
@@ -325,13 +330,11 @@ def tbptt_trainer(
       raise ValueError(f"set_k2: k2 must be one of the trainer's k2s {k2s}, got {k2!r}")
     return state._replace(k2=jnp.asarray(k2, jnp.int32))
 
-  return Trainer(
-    init=init,
-    update=jax.jit(update, donate_argnums=0),
-    reset=reset,
-    set_k2=set_k2,
-    k2s=k2s,
-  )
+  if mesh is not None:  # the same update, its streams split over the mesh's devices
+    init, jitted, reset = sharding.data_parallel(mesh, init, update, reset)
+  else:
+    jitted = jax.jit(update, donate_argnums=0)
+  return Trainer(init=init, update=jitted, reset=reset, set_k2=set_k2, k2s=k2s)
 
 
 def _k2_set(where: str, k2: Any) -> tuple[int, ...]:
