@@ -1,6 +1,7 @@
 """A real `tbptt-jax train` stopped by signals and a kill, mid-run and mid-save, then resumed:
 it ends exactly where the run that never stopped ends."""
 
+import csv
 import os
 import signal
 import subprocess
@@ -129,8 +130,8 @@ def test_nonfinite_gradients_stop_the_run_with_the_last_good_parameters(tmp_path
   last = err.strip().splitlines()[-1]
   assert last.startswith("tbptt-jax: error: 5 updates in a row") and "saved " in last
   with open(out / "metrics.csv") as f:
-    rows = f.read().splitlines()[1:]
-  nonfinite = [row.endswith(",True") for row in rows]
+    rows = list(csv.DictReader(f))
+  nonfinite = [row["nonfinite"] == "True" for row in rows]
   assert len(rows) == 20 and nonfinite.count(True) >= 5
   meta = checkpoint.read_meta(checkpoint.latest_checkpoint(out / "checkpoints"))
   assert meta["updates"] == 20 and meta["calls"] == 2
