@@ -11,7 +11,9 @@ blocks run in a `jax.lax.scan` inside one jitted call, so Python dispatch is
 paid once per call, not per update. The carry and the lookback (the last
 k2 - 1 steps, which later windows re-run) pass from call to call, so T steps
 in one call and the same steps split over several calls make the same
-updates, as long as the split points are multiples of k1. Blocks start at
+updates, as long as the split points are multiples of k1 (for deterministic
+models: the per-step draws of `step_rngs`, and so dropout masks and ARTBP's
+cuts, depend on how the steps are split into calls). Blocks start at
 each call's first step: a call of T steps, T not a multiple of k1, ends with
 an update of T mod k1 steps (its window still reaches k2 steps back), and the
 next call starts a new block; so feed chunks of a multiple of k1 steps, the

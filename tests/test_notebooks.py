@@ -50,6 +50,7 @@ def test_quickstart_runs_and_writes_its_figures(tmp_path, monkeypatch):
     ("language_model.ipynb", ["lm_perplexity.png"]),
     ("truncation_styles.ipynb", ["styles_diagram.png", "synthetic_styles.png"]),
     ("vanishing_exploding.ipynb", ["lag_norms.png", "clipping.png", "truncation_bias.png"]),
+    ("choosing_truncation.ipynb", ["bias_vs_k2.png", "adaptive_k2.png", "influence_balancing.png"]),
   ],
 )
 def test_notebook_on_real_text_runs_and_writes_its_figures(
