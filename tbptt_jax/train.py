@@ -344,5 +344,7 @@ def _k2_set(where: str, k2: Any) -> tuple[int, ...]:
   if isinstance(k2, (int, np.integer)) and not isinstance(k2, bool):
     return (_checks.positive_int(where, "k2", k2),)
   if not isinstance(k2, Sequence) or isinstance(k2, str) or not k2:
-    raise ValueError(f"{where}: k2 must be an integer or a non-empty sequence of them, got {k2!r}")
+    raise ValueError(
+      f"{where}: k2 must be an integer >= 1 or a non-empty sequence of them, got {k2!r}"
+    )
   return tuple(sorted({_checks.positive_int(where, "k2", k) for k in k2}))
