@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import platform
+import time
+from collections.abc import Callable
 from typing import Any
 
 import flax
@@ -43,3 +45,24 @@ def load_average() -> list[float] | None:
     return [round(x, 2) for x in os.getloadavg()]
   except OSError:
     return None
+
+
+def alternate(
+  runners: dict[str, Callable[[], Any]], seconds: float, min_rounds: int, first: str
+) -> dict[str, list[float]]:
+  """Each runner's round times, the runners taking turns after two warm-up rounds each.
+
+  Taking turns makes every runner see the same machine load (these machines are shared); the
+  measurement lasts `seconds` and at least `min_rounds` rounds of the runner `first`.
+  """
+  for run in runners.values():  # warm-up: compilation, allocator, caches
+    run()
+    run()
+  times: dict[str, list[float]] = {name: [] for name in runners}
+  start = time.perf_counter()
+  while time.perf_counter() - start < seconds or len(times[first]) < min_rounds:
+    for name, run in runners.items():
+      t = time.perf_counter()
+      run()
+      times[name].append(time.perf_counter() - t)
+  return times

@@ -23,7 +23,6 @@ import json
 import os
 import shlex
 import sys
-import time
 
 
 def _parse(argv=None) -> argparse.Namespace:
@@ -76,16 +75,7 @@ def measure(preset: str, counts: list[int], seconds: float, min_rounds: int = 5)
   tokens = rng.integers(0, p.vocab, (p.batch, p.k * p.updates_per_round + 1)).astype(np.int32)
   configs = {"1*": None, **{str(n): n for n in counts if p.batch % n == 0}}
   runners = {name: runner(preset, n, tokens) for name, n in configs.items()}
-  for run in runners.values():  # warm-up: compilation, allocator, caches
-    run()
-    run()
-  times = {name: [] for name in runners}
-  start = time.perf_counter()
-  while time.perf_counter() - start < seconds or len(times["1*"]) < min_rounds:
-    for name, run in runners.items():  # alternate, so all see the same machine load
-      t = time.perf_counter()
-      run()
-      times[name].append(time.perf_counter() - t)
+  times = common.alternate(runners, seconds, min_rounds, first="1*")
   tokens_per_round = p.batch * p.k * p.updates_per_round
   rates = {name: tokens_per_round / float(np.median(ts)) for name, ts in times.items()}
   return {

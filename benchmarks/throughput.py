@@ -26,7 +26,6 @@ import json
 import os
 import shlex
 import sys
-import time
 from typing import NamedTuple
 
 import common
@@ -160,16 +159,7 @@ def measure(preset_name: str, seconds: float, min_rounds: int = 5, unroll: int |
   torch_version = None
   if baseline is not None:
     runners["pytorch"], torch_version = baseline
-  for run in runners.values():  # warm-up: compilation, allocator, caches
-    run()
-    run()
-  times = {name: [] for name in runners}
-  start = time.perf_counter()
-  while time.perf_counter() - start < seconds or len(times["tbptt_jax"]) < min_rounds:
-    for name, run in runners.items():  # alternate, so both see the same machine load
-      t = time.perf_counter()
-      run()
-      times[name].append(time.perf_counter() - t)
+  times = common.alternate(runners, seconds, min_rounds, first="tbptt_jax")
   tokens_per_round = p.batch * p.k * p.updates_per_round
   rates = {name: tokens_per_round / float(np.median(ts)) for name, ts in times.items()}
   result = {
