@@ -56,17 +56,7 @@ def runner(preset: str, devices: int | None, tokens: np.ndarray):
   """One round (a call of `updates_per_round` updates) on `devices` devices; None: no mesh."""
   p = throughput.PRESETS[preset]
   mesh = None if devices is None else tj.data_mesh(jax.devices()[:devices])
-  trainer = throughput.jax_trainer(p, mesh=mesh)
-  steps = p.k * p.updates_per_round
-  inputs, targets = tokens[:, :steps], tokens[:, 1 : steps + 1]
-  state = trainer.init(jax.random.key(0), inputs[:, : p.k])
-
-  def round_():
-    nonlocal state
-    state, metrics = trainer.update(state, inputs, targets)
-    jax.block_until_ready(metrics.loss)
-
-  return round_
+  return throughput.jax_runner(p, tokens, mesh=mesh)
 
 
 def measure(preset: str, counts: list[int], seconds: float, min_rounds: int = 5) -> dict:

@@ -77,9 +77,9 @@ def jax_trainer(p: Preset, unroll: int | bool = 1, mesh=None) -> tj.Trainer:
   )
 
 
-def jax_runner(p: Preset, tokens: np.ndarray, unroll: int | bool = 1):
+def jax_runner(p: Preset, tokens: np.ndarray, unroll: int | bool = 1, mesh=None):
   """A function running one round of `updates_per_round` updates with tbptt_jax."""
-  trainer = jax_trainer(p, unroll)
+  trainer = jax_trainer(p, unroll, mesh=mesh)
   steps = p.k * p.updates_per_round
   inputs, targets = tokens[:, :steps], tokens[:, 1 : steps + 1]
   state = trainer.init(jax.random.key(0), inputs[:, : p.k])
