@@ -35,7 +35,7 @@ def relative(a, b) -> float:
   )
 
 
-def trainer(style, k1, k2, mesh):
+def trainer(style, k1, k2, mesh, artbp=None):
   return tbptt_jax.tbptt_trainer(
     synthetic.model(tbptt_jax.elman(HIDDEN)),
     optax.softmax_cross_entropy_with_integer_labels,
@@ -44,15 +44,18 @@ def trainer(style, k1, k2, mesh):
     k2=k2,
     style=style,
     mesh=mesh,
+    artbp=artbp,
   )
 
 
-def train(style, k1, k2, mesh, xs, ys):
-  """`CALLS` calls on `mesh`; the trainer, the state and the losses of every update."""
-  run = trainer(style, k1, k2, mesh)
+def train(style, k1, k2, mesh, xs, ys, artbp=None):
+  """`CALLS` calls on `mesh`; the trainer, the state and the losses of every update. With a set
+  of k2s, each call uses the next one."""
+  run = trainer(style, k1, k2, mesh, artbp)
   state = run.init(jax.random.key(0), xs[:, :k1])
   losses = []
   for c in range(CALLS):
+    state = run.set_k2(state, run.k2s[c % len(run.k2s)])
     cut = slice(c * CHUNK, (c + 1) * CHUNK)
     state, metrics = run.update(state, xs[:, cut], ys[:, cut])
     losses.append(np.asarray(metrics.loss))
@@ -74,11 +77,17 @@ def devices() -> dict:
   mesh = sharding.data_mesh()
   xs, ys = synthetic.streams(0, BATCH, (CALLS + 1) * CHUNK)
   report = {}
-  for style, k1, k2 in (("per_loss", 4, 6), ("window", 4, 8)):  # window goes on below
-    _, one_state, one_losses = train(style, k1, k2, None, xs, ys)
-    run, state, losses = train(style, k1, k2, mesh, xs, ys)
+  runs = {  # name: (style, k1, k2, artbp); plain window goes on below
+    "per_loss": ("per_loss", 4, 6, None),
+    "k2s": ("window", 4, (4, 8), None),  # the compiled set, switched between calls
+    "artbp": ("window", 4, 8, tbptt_jax.ARTBP(3.0)),  # each stream's own random cuts
+    "window": ("window", 4, 8, None),
+  }
+  for name, (style, k1, k2, artbp) in runs.items():
+    _, one_state, one_losses = train(style, k1, k2, None, xs, ys, artbp)
+    run, state, losses = train(style, k1, k2, mesh, xs, ys, artbp)
     carry = jax.tree.leaves(state.carry)[0]
-    report[style] = {
+    report[name] = {
       "losses": relative(losses, one_losses),
       "params": relative(state.params, one_state.params),
       "opt_state": relative(state.opt_state, one_state.opt_state),
