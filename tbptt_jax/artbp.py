@@ -139,7 +139,8 @@ def artbp_cell(model: Cell, config: ARTBP, *, max_length: int, step_rngs: bool =
   config = check(where, config)
   max_length = _checks.positive_int(where, "max_length", max_length)
 
-  def split(inputs: Any) -> tuple[Any, jax.Array, jax.Array]:
+  def split(inputs: Any) -> tuple[Any, jax.Array]:
+    """The model's input and the cut draw u_t ~ U[0, 1) of every stream."""
     x, rng = inputs
     keys = jax.random.wrap_key_data(rng)
     u = jax.vmap(jax.random.uniform)(keys)
