@@ -110,7 +110,8 @@ def _parser() -> argparse.ArgumentParser:
     "--k2",
     type=_k2_list,
     default=None,
-    help="backprop steps (default: k1); a list such as 10,20,50,100 with --delta: adaptive k2",
+    help="backprop steps (default: k1); a list such as 10,20,50,100 with --delta (adaptive k2) "
+    "or --artbp (the shortest window that holds the segments drawn)",
   )
   train.add_argument("--style", choices=STYLES, default="window", help="truncation style")
   train.add_argument(
@@ -240,8 +241,11 @@ def _truncation_flags(args: argparse.Namespace, k1: int) -> tuple[int | tuple[in
   """The trainer's `k2` (an int, or the compiled set for --delta) and its `artbp` from the flags."""
   k2 = k1 if args.k2 is None else args.k2
   if isinstance(k2, list):
-    if args.delta is None:
-      raise ValueError(f"--k2 {','.join(map(str, k2))} is a list: it needs --delta (adaptive k2)")
+    if args.delta is None and args.artbp is None:
+      raise ValueError(
+        f"--k2 {','.join(map(str, k2))} is a list: it needs --delta (adaptive k2) or --artbp "
+        "(windows as long as the segments drawn)"
+      )
     k2 = tuple(k2)
   elif args.delta is not None:
     raise ValueError(f"--delta needs --k2 to list the k2s to choose from, e.g. 10,20,50, got {k2}")
@@ -1137,7 +1141,7 @@ def _truncation_summary(args: argparse.Namespace, state: TrainState, adapt: Any)
   """The summary's keys for adaptive truncation and ARTBP."""
   return {
     "delta": args.delta,
-    "k2_final": int(state.k2),
+    "k2_final": int(state.k2) if args.artbp is None else None,  # ARTBP picks each window
     "k2_choices": None if adapt is None else len(adapt.choices),
     "artbp": None if args.artbp is None else {"mean_length": args.artbp, "alpha": args.artbp_alpha},
   }

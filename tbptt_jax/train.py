@@ -158,9 +158,13 @@ def tbptt_trainer(
       intermediates, for one more forward pass (see `tbptt_gradients`).
     artbp: if set, an `ARTBP` schedule: unbiased random truncation (Tallec &
       Ollivier 2017, `tbptt_jax.artbp`) inside each backward window, instead
-      of the fixed cut at its start; needs a single k2 > k1 in window style
-      (segments of at most k2 - k1 + 1 steps) or k2 >= 2 in per-loss style
-      (at most k2 steps). The model's carry becomes an `ARTBPCarry`.
+      of the fixed cut at its start; needs k2 > k1 in window style (segments
+      of at most max(k2) - k1 + 1 steps) or a single k2 >= 2 in per-loss style
+      (at most k2 steps). The model's carry becomes an `ARTBPCarry`. With a
+      set of k2s (window style), each update runs the shortest window that
+      reaches back to every stream's last cut (`TrainState.k2` is unused):
+      the same gradient as the longest window, for the cost of the segments
+      actually drawn.
     mesh: if set, train data-parallel on this `jax.sharding.Mesh`: the streams
       are split over its "data" axis, parameters replicated, and host data are
       this process's streams (see `tbptt_jax.sharding`); batch must be a
@@ -191,9 +195,9 @@ def tbptt_trainer(
   if artbp is not None:
     artbp = _artbp.check(where, artbp)
     max_length = k2 - k1 + 1 if style == "window" else k2
-    if len(k2s) > 1 or max_length < 2:
+    if (len(k2s) > 1 and style != "window") or max_length < 2:
       raise ValueError(
-        f"{where}: artbp needs one k2 with segments of >= 2 steps: k2 > k1 in window style, "
+        f"{where}: artbp needs segments of >= 2 steps: k2 > k1 in window style, one "
         f"k2 >= 2 in per_loss style, got k1={k1}, k2={k2s if len(k2s) > 1 else k2}, "
         f"style={style!r}"
       )
@@ -280,11 +284,20 @@ def tbptt_trainer(
 
       operands = (state.params, state.carry, state.lookback, x, y, r)
       if len(k2s) == 1:
+        index = 0
         out = gradients(k2, operands)
       else:
+        if artbp is None:
+          index = jnp.searchsorted(jnp.asarray(k2s), state.k2)
+        else:
+          # The block's losses reach back to each stream's last cut, `since` steps before
+          # the block (none when the block's first step is cut for certain: since = 0 or
+          # max_length); the shortest window that holds them all gives the same gradient.
+          since = state.carry.since
+          back = jnp.max(jnp.where(since < max_length, since, 0))
+          index = jnp.searchsorted(jnp.asarray(k2s), jax.tree.leaves(x)[0].shape[0] + back)
         # One compiled backward pass per k2; only the chosen one runs.
         branches = [functools.partial(gradients, k) for k in k2s]
-        index = jnp.searchsorted(jnp.asarray(k2s), state.k2)
         out = jax.lax.switch(index, branches, operands)
       grads = out.grads
       grad_norm = optax.tree.norm(grads)
@@ -315,7 +328,7 @@ def tbptt_trainer(
         clipped_grad_norm=grad_norm if clip is None else optax.tree.norm(grads),
         clipped=jnp.asarray(False) if clip is None else grad_norm > max_grad_norm,
         nonfinite=~finite,
-        k2=state.k2,
+        k2=jnp.asarray(k2s, jnp.int32)[index],
       )
       return state, metrics
 

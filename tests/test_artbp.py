@@ -149,11 +149,41 @@ def test_trainer_with_artbp_makes_the_reweighted_gradient_of_its_draws():
   )
 
 
+def test_a_set_of_windows_runs_the_shortest_that_reaches_every_cut_with_the_same_gradient():
+  """ARTBP with k2 in (4, 6, 9) makes, update by update, the gradient of the k2 = 9 window (the
+  same cap, the same draws), while running shorter windows when every stream's segment is short."""
+  k1, config = 3, artbp.ARTBP(mean_length=2.0)
+  rng = np.random.default_rng(6)
+  x = rng.standard_normal((BATCH, 8 * k1, IN)).astype(np.float32)
+  y = rng.integers(0, CLASSES, (BATCH, 8 * k1))
+  runs = {}
+  for k2 in [(4, 6, 9), 9]:
+    trainer = tbptt_jax.tbptt_trainer(
+      make_model(), loss_fn, record_gradients(), k1=k1, k2=k2, artbp=config
+    )
+    state = trainer.init(jax.random.key(8), x[:, :k1])
+    grads, used = [], []
+    for call in range(8):
+      chunk = slice(call * k1, (call + 1) * k1)
+      state, metrics = trainer.update(state, x[:, chunk], y[:, chunk])
+      grads.append(jax.device_get(state.opt_state))  # the next call donates the state
+      used.append(int(metrics.k2[0]))
+    runs[k2] = grads, used, trainer
+  (many, used, trainer), (one, _, _) = runs[(4, 6, 9)], runs[9]
+  for got, want in zip(many, one, strict=True):
+    chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-6)
+  assert min(used) < 9 and set(used) <= {4, 6, 9}, used
+  assert trainer.update._cache_size() == 1
+
+
 @pytest.mark.parametrize(
   "kwargs, message",
   [
-    (dict(k1=3, k2=3, artbp=artbp.ARTBP(4.0)), "artbp needs one k2"),
-    (dict(k1=3, k2=(4, 8), artbp=artbp.ARTBP(4.0)), "artbp needs one k2"),
+    (dict(k1=3, k2=3, artbp=artbp.ARTBP(4.0)), "artbp needs segments of >= 2 steps"),
+    (
+      dict(k1=3, k2=(4, 8), style="per_loss", artbp=artbp.ARTBP(4.0)),
+      "artbp needs segments of >= 2 steps",
+    ),
     (dict(k1=3, k2=8, artbp=artbp.ARTBP(1.0)), "mean_length must be > 1"),
     (dict(k1=3, k2=8, artbp=artbp.ARTBP(4.0, alpha=2.0)), "alpha must be > 2"),
     (dict(k1=3, k2=8, artbp=(4.0, 4.0)), "artbp must be a tbptt_jax.ARTBP"),

@@ -136,11 +136,11 @@ def test_json_summary_and_outputs(tmp_path, capsys):
     (["train", "--cell", "transformer"], "argument --cell: invalid choice: 'transformer'"),
     (["train", "--style", "tf"], "argument --style: invalid choice: 'tf'"),
     (["train", "--bogus"], "unrecognized arguments: --bogus"),
-    (["train", "--k2", "10,20"], "--k2 10,20 is a list: it needs --delta (adaptive k2)"),
+    (["train", "--k2", "10,20"], "--k2 10,20 is a list: it needs --delta (adaptive k2) or --artbp"),
     (["train", "--delta", "0.1"], "--delta needs --k2 to list the k2s to choose from"),
     (["train", "--k2", "10,0", "--delta", "0.1"], "argument --k2: expected a positive int or"),
     (["train", "--k2", "10,20", "--delta", "0.1", "--artbp", "4"], "--artbp and --delta are two"),
-    (["train", "--artbp", "4"], "artbp needs one k2 with segments of >= 2 steps"),
+    (["train", "--artbp", "4"], "artbp needs segments of >= 2 steps"),
     (["train", "--artbp", "4", "--k2", "20", "--artbp-alpha", "2"], "alpha must be > 2"),
   ],
 )
