@@ -29,14 +29,15 @@ window engine then does the rest: a window re-run replays the same draws, so
 `tbptt_trainer(..., artbp=ARTBP(L0))` trains with ARTBP while making its
 updates every k1 steps (the paper updates at every cut; at fixed parameters
 the two sum to the same gradient). Given a set of k2s, the trainer runs for
-each update the shortest window that reaches back to every stream's last cut,
-so the backward pass costs the segments drawn, as in the paper, and not the
-longest window. Memory bounds what is exact: a window of
-k2 steps holds segments of at most `max_length` = k2 - k1 + 1 steps, so the
-cell cuts unconditionally (c_t = 1) once a segment reaches that length. The
-estimate is unbiased as long as no segment reaches it; with alpha = 4 the
-chance that one does is about ((alpha - 2) L0 / ((alpha - 2) L0 + n))^3 per
-segment for n = max_length: 0.4% for L0 = 10 and n = 100, 0.005% for n = 500.
+each update the shortest window that reaches back to every stream's last cut
+(at fixed parameters the same gradient as the longest window), so the backward
+pass costs the segments drawn, as in the paper, and not the longest window.
+Memory bounds what is exact: a window of k2 steps holds segments of at most
+`max_length` = k2 - k1 + 1 steps, so the cell cuts unconditionally (c_t = 1)
+once a segment reaches that length. The estimate is unbiased as long as no
+segment reaches it; with alpha = 4 the chance that one does is about
+((alpha - 2) L0 / ((alpha - 2) L0 + n))^3 per segment for n = max_length:
+0.4% for L0 = 10 and n = 100, 0.005% for n = 500.
 
 References:
   Tallec & Ollivier, "Unbiasing Truncated Backpropagation Through Time",

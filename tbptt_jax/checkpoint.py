@@ -40,7 +40,7 @@ from tbptt_jax import _files, sharding
 from tbptt_jax.train import TrainState
 
 FORMAT = "tbptt_jax.checkpoint"
-VERSION = 1
+VERSION = 2  # 2: TrainState.k2 (the k2 of the next updates); version 1 had no such field
 SUFFIX = ".ckpt"
 _STEP_FILE = re.compile(r"^step_(\d+)\.ckpt$")
 

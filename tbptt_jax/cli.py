@@ -123,13 +123,11 @@ def _parser() -> argparse.ArgumentParser:
   train.add_argument(
     "--adapt-every",
     type=pos_int,
-    default=10,
     help="with --delta: calls between k2 choices (default 10; a call: --updates-per-call updates)",
   )
   train.add_argument(
     "--adapt-streams",
     type=pos_int,
-    default=4,
     help="with --delta: streams the gradient decay is measured on (default 4)",
   )
   train.add_argument(
@@ -139,9 +137,7 @@ def _parser() -> argparse.ArgumentParser:
     help="unbiased random truncation (ARTBP, Tallec & Ollivier 2017) with mean segment length "
     "L0 > 1, inside windows of k2 > k1 steps",
   )
-  train.add_argument(
-    "--artbp-alpha", type=pos_float, default=4.0, help="ARTBP's tail exponent (> 2; default 4)"
-  )
+  train.add_argument("--artbp-alpha", type=pos_float, help="ARTBP's tail exponent (> 2; default 4)")
   train.add_argument("--steps", type=pos_int, help="optimizer updates (r2rt only: 2000)")
   train.add_argument(
     "--updates-per-call",
@@ -251,10 +247,17 @@ def _truncation_flags(args: argparse.Namespace, k1: int) -> tuple[int | tuple[in
     raise ValueError(f"--delta needs --k2 to list the k2s to choose from, e.g. 10,20,50, got {k2}")
   if args.artbp is not None and args.delta is not None:
     raise ValueError("--artbp and --delta are two ways to choose truncation: give one")
+  for flag, name, parent in (
+    ("--adapt-every", "adapt_every", "delta"),
+    ("--adapt-streams", "adapt_streams", "delta"),
+    ("--artbp-alpha", "artbp_alpha", "artbp"),
+  ):
+    if getattr(args, name) is not None and getattr(args, parent) is None:
+      raise ValueError(f"{flag} applies with --{parent}, which is not given")
   if args.delta is not None and jax.process_count() > 1:
     # Each process would measure its own streams and could choose another k2.
     raise ValueError(f"--delta runs on one process, got {jax.process_count()} processes")
-  config = None if args.artbp is None else ARTBP(args.artbp, args.artbp_alpha)
+  config = None if args.artbp is None else ARTBP(args.artbp, _pick(args.artbp_alpha, 4.0))
   return k2, config
 
 
@@ -263,11 +266,18 @@ class _AdaptiveK2:
   logs each choice to `truncation.jsonl`. The calls it measures before depend only on the
   call's index, so a resumed run chooses as the uninterrupted one would."""
 
-  def __init__(self, args, model, loss_fn, trainer, out, updates, split_inputs) -> None:
-    self.every, self.trainer, self.split_inputs = args.adapt_every, trainer, split_inputs
+  def __init__(self, args, k1, model, loss_fn, trainer, out, updates, split_inputs) -> None:
+    self.every = _pick(args.adapt_every, 10)
+    self.trainer, self.split_inputs = trainer, split_inputs
     self.window = 2 * max(trainer.k2s)  # measured steps: the losses of the last half reach back
+    if args.updates_per_call * k1 < self.window:
+      raise ValueError(
+        f"--delta measures on the first 2 * max(k2) = {self.window} steps of a call, but a call "
+        f"has --updates-per-call x k1 = {args.updates_per_call * k1} steps: raise "
+        "--updates-per-call"
+      )
     self.choose = adaptive_k2(
-      model, loss_fn, trainer.k2s, delta=args.delta, streams=args.adapt_streams
+      model, loss_fn, trainer.k2s, delta=args.delta, streams=_pick(args.adapt_streams, 4)
     )
     self.path = out and os.path.join(out, "truncation.jsonl")
     self.choices: list[dict] = []
@@ -278,11 +288,9 @@ class _AdaptiveK2:
       _files.atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in self.choices))
 
   @classmethod
-  def maybe(cls, args, model, loss_fn, trainer, out, updates, split_inputs) -> _AdaptiveK2 | None:
-    """The controller of an adaptive run (--delta), else None."""
-    if args.delta is None:
-      return None
-    return cls(args, model, loss_fn, trainer, out, updates, split_inputs)
+  def maybe(cls, args, *context) -> _AdaptiveK2 | None:
+    """The controller of an adaptive run (--delta), else None; `context` as `__init__`'s."""
+    return None if args.delta is None else cls(args, *context)
 
   def before_call(self, call: int, updates: int, state: TrainState, inputs, targets):
     """The state with a new k2 if call (0-based, counted as the loop counts) is due."""
@@ -386,7 +394,9 @@ def _train_r2rt(args: argparse.Namespace, resume: _Resume | None, mesh: Any) -> 
   example = _global_batch(mesh, xs[:, : args.k1])
   state = saves.restore(resume, trainer, jax.random.key(args.seed), example)
   log = _update_log(args, "metrics.csv", position["updates"])
-  adapt = _AdaptiveK2.maybe(args, model, loss_fn, trainer, out, position["updates"], lambda x: x)
+  adapt = _AdaptiveK2.maybe(
+    args, args.k1, model, loss_fn, trainer, out, position["updates"], lambda x: x
+  )
   chunks = iterate_chunks(xs, args.updates_per_call * args.k1, targets=ys)
   guard = _NonfiniteGuard(args.max_nonfinite)
   first_call_seconds = first_call_updates = None  # init, compilation, first call
@@ -446,7 +456,7 @@ def _train_r2rt(args: argparse.Namespace, resume: _Resume | None, mesh: Any) -> 
     "k1": args.k1,
     "k2": k2,
     "style": args.style,
-    **_truncation_summary(args, state, adapt),
+    **_truncation_summary(args, state, adapt, artbp),
     "optimizer": args.optimizer,
     "lr": args.lr,
     "clip": args.clip,
@@ -579,7 +589,7 @@ def _train_lm(args: argparse.Namespace, resume: _Resume | None, mesh: Any) -> in
   log = _update_log(args, "updates.csv", position["updates"])
   # The gradient's decay is measured without dropout: its masks are noise, not dependencies.
   adapt = _AdaptiveK2.maybe(
-    args, model, lm.cross_entropy, trainer, out, position["updates"], lambda x: (x, None)
+    args, k1, model, lm.cross_entropy, trainer, out, position["updates"], lambda x: (x, None)
   )
   if out is not None:  # the epochs the checkpoint holds, without any logged after it
     _files.atomic_write(
@@ -714,7 +724,7 @@ def _train_lm(args: argparse.Namespace, resume: _Resume | None, mesh: Any) -> in
     "k1": k1,
     "k2": k2,
     "style": args.style,
-    **_truncation_summary(args, state, adapt),
+    **_truncation_summary(args, state, adapt, artbp),
     "optimizer": optimizer_name,
     "lr": round(float(schedule(0)), 8),
     "decay_after": preset.decay_after,
@@ -1137,13 +1147,15 @@ def _gradient_summary(metrics: UpdateMetrics) -> dict:
   }
 
 
-def _truncation_summary(args: argparse.Namespace, state: TrainState, adapt: Any) -> dict:
+def _truncation_summary(
+  args: argparse.Namespace, state: TrainState, adapt: Any, artbp: ARTBP | None
+) -> dict:
   """The summary's keys for adaptive truncation and ARTBP."""
   return {
     "delta": args.delta,
-    "k2_final": int(state.k2) if args.artbp is None else None,  # ARTBP picks each window
+    "k2_final": int(state.k2) if artbp is None else None,  # ARTBP picks each window
     "k2_choices": None if adapt is None else len(adapt.choices),
-    "artbp": None if args.artbp is None else {"mean_length": args.artbp, "alpha": args.artbp_alpha},
+    "artbp": None if artbp is None else artbp._asdict(),
   }
 
 

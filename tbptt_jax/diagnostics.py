@@ -217,6 +217,7 @@ def _lag_profile(
   # Losses in chunks of `chunk`, the last chunk padded with repeats of step T - 1, masked.
   # Without parameters only the losses that reach back K steps are needed.
   first = 0 if with_params else max_lag
+  chunk = min(chunk, time - first)  # no chunk longer than the losses it covers
   n_chunks = -(-(time - first) // chunk)
   ts = first + jnp.arange(n_chunks * chunk).reshape(n_chunks, chunk)
 

@@ -55,7 +55,7 @@ class TrainState(NamedTuple):
   params: Params
   opt_state: optax.OptState
   carry: Carry  # leaves [batch, ...]: each stream's state after the last step seen
-  lookback: Lookback  # the last k2 - 1 steps of every stream, time-major
+  lookback: Lookback  # the last max(k2) - 1 steps of every stream, time-major
   step: jax.Array  # shape=(), int32: optimizer updates made (skipped ones not counted)
   rng: jax.Array  # PRNG key: the source of per-step randomness (`step_rngs`)
   k2: jax.Array  # shape=(), int32: the next updates' k2, one of the trainer's (`Trainer.set_k2`)
@@ -74,7 +74,7 @@ class UpdateMetrics(NamedTuple):
   clipped_grad_norm: jax.Array  # global norm of the gradient the optimizer received
   clipped: jax.Array  # bool: grad_norm exceeded max_grad_norm, so clipping scaled it down
   nonfinite: jax.Array  # bool: the gradient held a NaN or an infinity (its norm is not finite)
-  k2: jax.Array  # int32: the update's k2 (`TrainState.k2`; constant unless the trainer has several)
+  k2: jax.Array  # int32: the update's window (`TrainState.k2`, or ARTBP's choice from a set)
 
 
 class Trainer(NamedTuple):
@@ -163,15 +163,16 @@ def tbptt_trainer(
       (at most k2 steps). The model's carry becomes an `ARTBPCarry`. With a
       set of k2s (window style), each update runs the shortest window that
       reaches back to every stream's last cut (`TrainState.k2` is unused):
-      the same gradient as the longest window, for the cost of the segments
-      actually drawn.
+      at fixed parameters the same gradient as the longest window, for the
+      cost of the segments drawn (while parameters move, the state entering
+      the last cut is the stored forward pass's, not re-run from further back).
     mesh: if set, train data-parallel on this `jax.sharding.Mesh`: the streams
       are split over its "data" axis, parameters replicated, and host data are
       this process's streams (see `tbptt_jax.sharding`); batch must be a
       multiple of the axis size. None: one device, as without it.
 
   Returns:
-    A `Trainer(init, update, reset)`.
+    A `Trainer(init, update, reset, set_k2, k2s)`.
 
   Example:
     >>> trainer = tbptt_trainer(model, optax.softmax_cross_entropy_with_integer_labels,
@@ -341,6 +342,8 @@ def tbptt_trainer(
     return state._replace(**jax.tree.map(jnp.copy, dict(carry=carry, lookback=lookback)))
 
   def set_k2(state: TrainState, k2: int) -> TrainState:
+    if artbp is not None and len(k2s) > 1:
+      raise ValueError("set_k2: with artbp and a set of k2s, each update picks its own window")
     if isinstance(k2, bool) or not isinstance(k2, (int, np.integer)) or k2 not in k2s:
       raise ValueError(f"set_k2: k2 must be one of the trainer's k2s {k2s}, got {k2!r}")
     return state._replace(k2=jnp.asarray(k2, jnp.int32))

@@ -174,6 +174,8 @@ def test_a_set_of_windows_runs_the_shortest_that_reaches_every_cut_with_the_same
     chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-6)
   assert min(used) < 9 and set(used) <= {4, 6, 9}, used
   assert trainer.update._cache_size() == 1
+  with pytest.raises(ValueError, match="each update picks its own window"):
+    trainer.set_k2(state, 6)
 
 
 @pytest.mark.parametrize(

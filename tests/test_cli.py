@@ -142,6 +142,12 @@ def test_json_summary_and_outputs(tmp_path, capsys):
     (["train", "--k2", "10,20", "--delta", "0.1", "--artbp", "4"], "--artbp and --delta are two"),
     (["train", "--artbp", "4"], "artbp needs segments of >= 2 steps"),
     (["train", "--artbp", "4", "--k2", "20", "--artbp-alpha", "2"], "alpha must be > 2"),
+    (["train", "--artbp-alpha", "6"], "--artbp-alpha applies with --artbp, which is not given"),
+    (["train", "--adapt-every", "3"], "--adapt-every applies with --delta, which is not given"),
+    (
+      ["train", "--k2", "10,60", "--delta", "0.1", "--updates-per-call", "5"],
+      "--delta measures on the first 2 * max(k2) = 120 steps of a call, but a call has",
+    ),
   ],
 )
 def test_bad_input_is_one_line_and_status_2(argv, message, capsys):
