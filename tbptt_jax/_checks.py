@@ -7,6 +7,7 @@ nothing under `jax.jit` (they run once, at trace time).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -40,6 +41,17 @@ def truncation(where: str, k1: Any, k2: Any, style: Any) -> tuple[int, int, str]
       f"block of k1 steps), got k1={k1}, k2={k2}"
     )
   return k1, k2, style
+
+
+def k2_set(where: str, name: str, k2: Any) -> tuple[int, ...]:
+  """`k2`, an integer >= 1 or a non-empty sequence of them, as ascending distinct k2s."""
+  if isinstance(k2, (int, np.integer)) and not isinstance(k2, bool):
+    return (positive_int(where, name, k2),)
+  if not isinstance(k2, Sequence) or isinstance(k2, str) or not k2:
+    raise ValueError(
+      f"{where}: {name} must be an integer >= 1 or a non-empty sequence of them, got {k2!r}"
+    )
+  return tuple(sorted({positive_int(where, name, k) for k in k2}))
 
 
 def batch_time(where: str, name: str, tree: Any) -> tuple[int, int]:

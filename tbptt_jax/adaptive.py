@@ -105,9 +105,7 @@ def adaptive_k2(
     Aicher, Foti & Fox, UAI 2019, section 4 (Algorithm 1).
   """
   where = "adaptive_k2"
-  k2s = tuple(sorted({_checks.positive_int(where, "k2s", k) for k in k2s}))
-  if not k2s:
-    raise ValueError(f"{where}: k2s must hold at least one k2, got ()")
+  k2s = _checks.k2_set(where, "k2s", k2s)
   if not delta > 0:
     raise ValueError(f"{where}: delta must be > 0, got {delta!r}")
   max_lag = k2s[-1] if max_lag is None else _checks.positive_int(where, "max_lag", max_lag)

@@ -285,7 +285,7 @@ class _AdaptiveK2:
       if updates and os.path.isfile(self.path):
         with open(self.path) as f:
           self.choices = [r for r in map(json.loads, f) if r["update"] <= updates]
-      _files.atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in self.choices))
+      _write_jsonl(self.path, self.choices)
 
   @classmethod
   def maybe(cls, args, *context) -> _AdaptiveK2 | None:
@@ -400,14 +400,7 @@ def _train_r2rt(args: argparse.Namespace, resume: _Resume | None, mesh: Any) -> 
   chunks = iterate_chunks(xs, args.updates_per_call * args.k1, targets=ys)
   guard = _NonfiniteGuard(args.max_nonfinite)
   first_call_seconds = first_call_updates = None  # init, compilation, first call
-  bar = tqdm(
-    total=args.steps,
-    initial=len(log),
-    unit="update",
-    file=sys.stderr,
-    mininterval=0.5,
-    disable=jax.process_index() > 0,
-  )
+  bar = _progress(args.steps, len(log), mininterval=0.5)
   with _session.Interrupts() as interrupts, bar:
     # A resumed run skips the calls its checkpoint holds.
     for calls, (inputs, targets) in enumerate(
@@ -592,21 +585,12 @@ def _train_lm(args: argparse.Namespace, resume: _Resume | None, mesh: Any) -> in
     args, k1, model, lm.cross_entropy, trainer, out, position["updates"], lambda x: (x, None)
   )
   if out is not None:  # the epochs the checkpoint holds, without any logged after it
-    _files.atomic_write(
-      os.path.join(out, "metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in history)
-    )
+    _write_jsonl(os.path.join(out, "metrics.jsonl"), history)
   chunk_len = args.updates_per_call * k1
   guard = _NonfiniteGuard(args.max_nonfinite)
   first_call_seconds, first_call_train_seconds, first_call_updates = None, 0.0, 0
   updates_at_start, run_train_seconds = len(log), 0.0  # this process's share of the run
-  bar = tqdm(
-    total=epochs * updates_per_epoch,
-    initial=len(log),
-    unit="update",
-    file=sys.stderr,
-    mininterval=1,
-    disable=jax.process_index() > 0,
-  )
+  bar = _progress(epochs * updates_per_epoch, len(log), mininterval=1)
   with _session.Interrupts() as interrupts, bar:
     for epoch in range(position["epoch"], epochs + 1):
       epoch_start = time.perf_counter()
@@ -1059,6 +1043,18 @@ def _device_summary(mesh: Any) -> dict:
   return {"devices": 1 if mesh is None else mesh.size, "processes": jax.process_count()}
 
 
+def _progress(total: int, done: int, mininterval: float) -> tqdm:
+  """The training progress bar, in updates, on stderr; process 0's only."""
+  return tqdm(
+    total=total,
+    initial=done,
+    unit="update",
+    file=sys.stderr,
+    mininterval=mininterval,
+    disable=jax.process_index() > 0,
+  )
+
+
 def _pick(value: Any, default: Any) -> Any:
   """A flag's value, or the preset's where the flag was not given."""
   return default if value is None else value
@@ -1113,6 +1109,11 @@ def _eval(args: argparse.Namespace) -> int:
   if args.json:
     print(json.dumps(summary))
   return 0
+
+
+def _write_jsonl(path: str, records: list[dict]) -> None:
+  """Replaces `path` with `records`, one JSON line each (a resumed run's log, cut back)."""
+  _files.atomic_write(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
 def _append_jsonl(path: str, record: dict) -> None:

@@ -189,7 +189,7 @@ def tbptt_trainer(
       f"{where}: optimizer must be an optax.GradientTransformation, got {type(optimizer).__name__}"
     )
   k1 = _checks.positive_int(where, "k1", k1)
-  k2s = _k2_set(where, k1 if k2 is None else k2)
+  k2s = _checks.k2_set(where, "k2", k1 if k2 is None else k2)
   for k in k2s:
     k1, _, style = _checks.truncation(where, k1, k, style)
   k2 = k2s[-1]  # the lookback serves the longest window
@@ -353,14 +353,3 @@ def tbptt_trainer(
   else:
     jitted = jax.jit(update, donate_argnums=0)
   return Trainer(init=init, update=jitted, reset=reset, set_k2=set_k2, k2s=k2s)
-
-
-def _k2_set(where: str, k2: Any) -> tuple[int, ...]:
-  """`k2` as an ascending tuple of distinct k2s (one for an int)."""
-  if isinstance(k2, (int, np.integer)) and not isinstance(k2, bool):
-    return (_checks.positive_int(where, "k2", k2),)
-  if not isinstance(k2, Sequence) or isinstance(k2, str) or not k2:
-    raise ValueError(
-      f"{where}: k2 must be an integer >= 1 or a non-empty sequence of them, got {k2!r}"
-    )
-  return tuple(sorted({_checks.positive_int(where, "k2", k) for k in k2}))
