@@ -47,13 +47,26 @@ def load_average() -> list[float] | None:
     return None
 
 
+# An untimed pause before every round. A runtime's worker threads keep spinning for a while
+# after its round ends (PyTorch's OpenMP pool, XLA's thread pool); without the pause they take
+# a core from the next runner's round. Measured on r2rt (section 7 of RESULTS.md): tbptt_jax
+# after a PyTorch round ran at 6.7 M tokens/s with no pause, 8.2 M with 20 ms, as fast as alone.
+SETTLE_SECONDS = 0.02
+
+
 def alternate(
-  runners: dict[str, Callable[[], Any]], seconds: float, min_rounds: int, first: str
+  runners: dict[str, Callable[[], Any]],
+  seconds: float,
+  min_rounds: int,
+  first: str,
+  settle: float = SETTLE_SECONDS,
 ) -> dict[str, list[float]]:
   """Each runner's round times, the runners taking turns after two warm-up rounds each.
 
   Taking turns makes every runner see the same machine load (these machines are shared); the
-  measurement lasts `seconds` and at least `min_rounds` rounds of the runner `first`.
+  measurement lasts `seconds` and at least `min_rounds` rounds of the runner `first`. Each
+  round starts after an untimed pause of `settle` seconds, so that the threads of the runner
+  before it are idle (`SETTLE_SECONDS`).
   """
   for run in runners.values():  # warm-up: compilation, allocator, caches
     run()
@@ -62,6 +75,7 @@ def alternate(
   start = time.perf_counter()
   while time.perf_counter() - start < seconds or len(times[first]) < min_rounds:
     for name, run in runners.items():
+      time.sleep(settle)
       t = time.perf_counter()
       run()
       times[name].append(time.perf_counter() - t)

@@ -14,6 +14,9 @@ number of tokens after a warm-up; the table reports the medians of the rounds.
 
   python benchmarks/throughput.py --preset small [--seconds 60] [--unroll 1|N|full] [--json]
 
+r2rt's window is unrolled in full (`tbptt_trainer(unroll=True)`), the LSTM presets' is not;
+`--unroll` overrides the preset's choice.
+
 PyTorch is optional (`pip install torch`); without it the baseline is reported
 as missing, never estimated.
 """
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import shlex
@@ -32,9 +36,10 @@ import common
 import jax
 import numpy as np
 import optax
+from flax import linen as nn
 
 import tbptt_jax as tj
-from tbptt_jax import lm, synthetic
+from tbptt_jax import lm
 
 
 class Preset(NamedTuple):
@@ -49,26 +54,41 @@ class Preset(NamedTuple):
   lr: float
   clip: float | None
   updates_per_round: int
+  unroll: int | bool  # tbptt_trainer's `unroll`: True unrolls the k-step window in full
 
 
+# Unrolling the 10-step window of r2rt, which is latency-bound, is worth 1.2-1.3x (RESULTS.md
+# section 7); it is worth nothing measurable on the LSTM presets, whose windows stay rolled.
 PRESETS = {
-  "small": Preset("lstm", 200, 2, 10_000, 20, 20, 0.0, "sgd", 1.0, 5.0, 50),
-  "medium": Preset("lstm", 650, 2, 10_000, 20, 35, 0.5, "sgd", 1.0, 5.0, 10),
-  "r2rt": Preset("elman", 16, 1, 2, 200, 10, 0.0, "adam", 0.01, None, 200),
+  "small": Preset("lstm", 200, 2, 10_000, 20, 20, 0.0, "sgd", 1.0, 5.0, 50, 1),
+  "medium": Preset("lstm", 650, 2, 10_000, 20, 35, 0.5, "sgd", 1.0, 5.0, 10, 1),
+  "r2rt": Preset("elman", 16, 1, 2, 200, 10, 0.0, "adam", 0.01, None, 200, True),
 }
 
 
-def jax_trainer(p: Preset, unroll: int | bool = 1, mesh=None) -> tj.Trainer:
-  """The preset's tbptt_jax trainer (`unroll` is passed to the scan over time; `mesh` splits
-  the streams over devices, see `benchmarks/scaling.py`)."""
+def r2rt_model(hidden: int) -> tj.Cell:
+  """r2rt's network, `synthetic.model(elman(hidden))`, with the one-hot encoding before the
+  scan (`with_embed`) and the readout after it (`with_head`): the same function, its loop
+  over time holding the Elman cell only (1.1x the speed, RESULTS.md section 7)."""
+  one_hot = functools.partial(jax.nn.one_hot, num_classes=2)
+  return tj.with_head(tj.with_embed(one_hot, tj.elman(hidden)), nn.Dense(2))
+
+
+def jax_trainer(
+  p: Preset, unroll: int | bool | None = None, mesh=None, model: tj.Cell | None = None
+) -> tj.Trainer:
+  """The preset's tbptt_jax trainer (`unroll` is passed to the scan over time, default the
+  preset's; `mesh` splits the streams over devices, see `benchmarks/scaling.py`; `model`
+  replaces the preset's network by an equivalent one, see `benchmarks/hoisting.py`)."""
+  unroll = p.unroll if unroll is None else unroll
   if p.cell == "elman":
-    model = synthetic.model(tj.elman(p.hidden))
+    model = r2rt_model(p.hidden) if model is None else model
     optimizer = optax.adam(p.lr)
     loss_fn = optax.softmax_cross_entropy_with_integer_labels
     step_rngs = False
   else:
     config = lm.LMConfig(p.vocab, p.hidden, p.layers, "optimized_lstm", p.dropout)
-    model = lm.language_model(config)
+    model = lm.language_model(config) if model is None else model
     optimizer = lm.zaremba_sgd(p.k, p.lr, p.clip)
     loss_fn = lm.cross_entropy
     step_rngs = True
@@ -77,9 +97,15 @@ def jax_trainer(p: Preset, unroll: int | bool = 1, mesh=None) -> tj.Trainer:
   )
 
 
-def jax_runner(p: Preset, tokens: np.ndarray, unroll: int | bool = 1, mesh=None):
+def jax_runner(
+  p: Preset,
+  tokens: np.ndarray,
+  unroll: int | bool | None = None,
+  mesh=None,
+  model: tj.Cell | None = None,
+):
   """A function running one round of `updates_per_round` updates with tbptt_jax."""
-  trainer = jax_trainer(p, unroll, mesh=mesh)
+  trainer = jax_trainer(p, unroll, mesh=mesh, model=model)
   steps = p.k * p.updates_per_round
   inputs, targets = tokens[:, :steps], tokens[:, 1 : steps + 1]
   state = trainer.init(jax.random.key(0), inputs[:, : p.k])
@@ -150,7 +176,9 @@ def torch_runner(p: Preset, tokens: np.ndarray):
   return round_, torch.__version__
 
 
-def measure(preset_name: str, seconds: float, min_rounds: int = 5, unroll: int | bool = 1):
+def measure(
+  preset_name: str, seconds: float, min_rounds: int = 5, unroll: int | bool | None = None
+):
   p = PRESETS[preset_name]
   rng = np.random.default_rng(0)
   tokens = rng.integers(0, p.vocab, (p.batch, p.k * p.updates_per_round + 1)).astype(np.int32)
@@ -166,7 +194,7 @@ def measure(preset_name: str, seconds: float, min_rounds: int = 5, unroll: int |
     "preset": preset_name,
     "settings": p._asdict(),
     "device": str(jax.devices()[0]),
-    "unroll": unroll,
+    "unroll": p.unroll if unroll is None else unroll,
     "tokens_per_s": rates["tbptt_jax"],
     "baseline": f"pytorch {torch_version}" if torch_version else None,
     "baseline_tokens_per_s": rates.get("pytorch"),
@@ -182,11 +210,17 @@ def main(argv=None):
   parser.add_argument("--preset", choices=sorted(PRESETS), nargs="+", default=["small"])
   parser.add_argument("--seconds", type=float, default=60, help="measuring time per preset")
   parser.add_argument(
-    "--unroll", default="1", help="tbptt_jax's lax.scan unroll over time: an integer, or 'full'"
+    "--unroll",
+    default=None,
+    help="tbptt_jax's lax.scan unroll over time, an integer or 'full' (default: the preset's)",
   )
   parser.add_argument("--json", action="store_true")
   args = parser.parse_args(argv)
-  unroll = True if args.unroll == "full" else int(args.unroll)
+  unroll = {None: None, "full": True}.get(args.unroll, args.unroll)
+  if isinstance(unroll, str):
+    if not unroll.isdigit() or int(unroll) < 1:
+      parser.error(f"--unroll must be a positive integer or 'full', got {unroll!r}")
+    unroll = int(unroll)
   results = [measure(name, args.seconds, unroll=unroll) for name in args.preset]
   print(f"{'preset':8} {'tbptt_jax tokens/s':>19} {'pytorch tokens/s':>17} {'ratio':>6}  rounds")
   for r in results:

@@ -50,7 +50,9 @@ from tbptt_jax.cells import elman as elman
 from tbptt_jax.cells import elman_step as elman_step
 from tbptt_jax.cells import feedforward as feedforward
 from tbptt_jax.cells import flax_cell as flax_cell
+from tbptt_jax.cells import full_step as full_step
 from tbptt_jax.cells import stack as stack
+from tbptt_jax.cells import with_embed as with_embed
 from tbptt_jax.cells import with_head as with_head
 from tbptt_jax.sharding import data_mesh as data_mesh
 from tbptt_jax.streams import batchify as batchify
@@ -90,6 +92,7 @@ __all__ = (
   "elman_step",
   "feedforward",
   "flax_cell",
+  "full_step",
   "iterate_chunks",
   "lm",
   "plots",
@@ -99,5 +102,6 @@ __all__ = (
   "tbptt_gradients",
   "tbptt_trainer",
   "unroll",
+  "with_embed",
   "with_head",
 )

@@ -134,7 +134,7 @@ def artbp_cell(model: Cell, config: ARTBP, *, max_length: int, step_rngs: bool =
       then gets keys independent of the cut draws.
 
   Returns:
-    A `Cell` with the same parameters and head as `model`.
+    A `Cell` with the same parameters, head and embed as `model`.
 
   References:
     Tallec & Ollivier 2017, arXiv 1705.08209, section 3 (ARTBP).
@@ -177,8 +177,19 @@ def artbp_cell(model: Cell, config: ARTBP, *, max_length: int, step_rngs: bool =
       return jnp.where(mask, jax.lax.stop_gradient(s), _scale_gradient(s, scale))
 
     s_in = jax.tree.map(reweight, carry.carry)
+    if model.embed is not None:  # the model's input arrives embedded, the draws beside it
+      x = inputs[0]
     s_out, y = model.apply(params, s_in, x)
     since = jnp.where(cut, 1, carry.since + 1)
     return ARTBPCarry(s_out, since), y
 
-  return Cell(init=init, initial_carry=initial_carry, apply=apply, head=model.head)
+  def embed(params: Params, inputs: Any) -> Any:
+    return model.embed(params, split(inputs)[0]), inputs[1]
+
+  return Cell(
+    init=init,
+    initial_carry=initial_carry,
+    apply=apply,
+    head=model.head,
+    embed=None if model.embed is None else embed,
+  )

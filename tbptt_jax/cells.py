@@ -19,11 +19,17 @@ after the scan, y_t = head(params, apply(params, carry, x_t)[1]). It is the
 same function as a readout inside the step, computed as one large matrix
 product over all steps instead of T small ones; for a language model's
 vocabulary-sized readout that is most of the work (`with_head`).
+
+Symmetrically, a cell may have an `embed`: a stateless map applied to every
+step's input before the scan, so that the step is
+apply(params, carry, embed(params, x_t)) (`with_embed`): work that does not
+depend on the carry leaves the loop over time, whose steps a small network
+pays for one by one (RESULTS.md, section 7). `full_step` and `output` are the
+step on the cell's own inputs, whatever it hoists.
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -55,20 +61,39 @@ class Cell(NamedTuple):
     head: optional `head(params, y_t) -> out_t`, stateless; when set, the
       cell's output at step t is `head` of `apply`'s y_t, and the engine
       applies it to all steps of a window at once, after the scan.
+    embed: optional `embed(params, x_t) -> e_t`, stateless; when set, `apply`
+      consumes e_t instead of x_t, and the engine applies `embed` to all
+      steps of a window at once, before the scan. `init` and `initial_carry`
+      still take x_t.
   """
 
   init: Callable[[jax.Array, Any], Params]
   initial_carry: Callable[[Any], Carry]
   apply: StepFn
   head: HeadFn | None = None
+  embed: HeadFn | None = None
 
 
-def apply_head(head: HeadFn | None, params: Params, outputs: Any) -> Any:
-  """`head` applied to every step of `outputs` (leaves `[time, ...]`); None is identity."""
-  if head is None:
-    return outputs
+def map_steps(fn: HeadFn | None, params: Params, steps: Any) -> Any:
+  """A stateless `fn` (a cell's `head` or `embed`) applied to every step of `steps`.
+
+  `steps` has leaves `[time, ...]`; None for `fn` is the identity.
+  """
+  if fn is None:
+    return steps
   # vmap over time turns T products [batch, h] x [h, out] into one [T batch, h] x [h, out].
-  return jax.vmap(head, in_axes=(None, 0))(params, outputs)
+  return jax.vmap(fn, in_axes=(None, 0))(params, steps)
+
+
+def full_step(cell: Cell) -> StepFn:
+  """The step on the cell's own inputs: `apply` after `embed`, without the head.
+
+  The function a loop written step by step calls; equal to `cell.apply` for a
+  cell without `embed`.
+  """
+  if cell.embed is None:
+    return cell.apply
+  return lambda params, carry, x_t: cell.apply(params, carry, cell.embed(params, x_t))
 
 
 class ElmanParams(NamedTuple):
@@ -240,7 +265,8 @@ def stack(*cells: Cell) -> Cell:
 
   Parameters and carry are tuples with one entry per layer. A layer's `head`
   is applied inside the step, except the last layer's, which becomes the
-  stack's head (applied after the scan).
+  stack's head (applied after the scan); likewise a layer's `embed`, except
+  the first layer's, which becomes the stack's embed (applied before it).
 
   Example: a two-layer LSTM language model over a 1000-word vocabulary.
     >>> model = stack(
@@ -279,13 +305,18 @@ def stack(*cells: Cell) -> Cell:
   def apply(params: tuple, carry: tuple, x_t: Any):
     new_carry = []
     for i, (cell, layer_params, layer_carry) in enumerate(zip(cells, params, carry, strict=True)):
-      step = cell.apply if i == len(cells) - 1 else functools.partial(output, cell)
-      layer_carry, x_t = step(layer_params, layer_carry, x_t)
+      if i > 0 and cell.embed is not None:  # the first layer's embed is the stack's
+        x_t = cell.embed(layer_params, x_t)
+      layer_carry, x_t = cell.apply(layer_params, layer_carry, x_t)
+      if i < len(cells) - 1 and cell.head is not None:  # the last layer's head is the stack's
+        x_t = cell.head(layer_params, x_t)
       new_carry.append(layer_carry)
     return tuple(new_carry), x_t
 
+  first = cells[0]
   head = None if last.head is None else lambda params, y_t: last.head(params[-1], y_t)
-  return Cell(init, initial_carry, apply, head)
+  embed = None if first.embed is None else lambda params, x_t: first.embed(params[0], x_t)
+  return Cell(init, initial_carry, apply, head, embed)
 
 
 def with_head(cell: Cell, layer: nn.Module | Callable[[jax.Array], jax.Array]) -> Cell:
@@ -311,9 +342,32 @@ def with_head(cell: Cell, layer: nn.Module | Callable[[jax.Array], jax.Array]) -
   return stack(cell, readout._replace(apply=_identity_step, head=_carry_free(readout.apply)))
 
 
+def with_embed(layer: nn.Module | Callable[[jax.Array], jax.Array], cell: Cell) -> Cell:
+  """A stateless `layer` followed by `cell`, the layer applied before the scan.
+
+  The model is the same as `stack(feedforward(layer), cell)`, computed faster:
+  the engine applies `layer` to all steps of a window in one call, so the loop
+  over time holds only the cell. Parameters are `(layer_params, cell_params)`,
+  and `apply` takes the layer's output (`full_step` takes the raw input).
+
+  Args:
+    layer: a Flax linen module (e.g. `nn.Embed(vocab, features)`) or a
+      parameter-free function (e.g. a one-hot encoding).
+    cell: the recurrent part; the layer's outputs are its inputs.
+
+  Example: r2rt's network, one-hot encoding before the scan and readout after it.
+    >>> one_hot = functools.partial(jax.nn.one_hot, num_classes=2)
+    >>> model = with_head(with_embed(one_hot, elman(16)), nn.Dense(2))
+  """
+  if not isinstance(cell, Cell):
+    raise ValueError(f"with_embed: cell must be a Cell, got {cell!r}")
+  stem = feedforward(layer)
+  return stack(stem._replace(apply=_identity_step, embed=_carry_free(stem.apply)), cell)
+
+
 def output(cell: Cell, params: Params, carry: Carry, x_t: Any) -> tuple[Carry, Any]:
-  """One step of `cell` including its head: `(carry, out_t)`."""
-  carry, y_t = cell.apply(params, carry, x_t)
+  """One step of `cell` on its own inputs, embed and head included: `(carry, out_t)`."""
+  carry, y_t = full_step(cell)(params, carry, x_t)
   return carry, (y_t if cell.head is None else cell.head(params, y_t))
 
 

@@ -58,7 +58,7 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 from tbptt_jax import _checks
-from tbptt_jax.cells import Carry, Cell, Params, apply_head
+from tbptt_jax.cells import Carry, Cell, Params, full_step, map_steps
 from tbptt_jax.truncation import LossFn, block_sizes, tbptt_gradients
 from tbptt_jax.unroll import scan_steps, time_major
 
@@ -162,7 +162,8 @@ def _lag_profile(
   xs, ys = time_major((inputs, targets))
   time = jax.tree.leaves(xs)[0].shape[0]
   batch = jax.tree.leaves(xs)[0].shape[1]
-  run = scan_steps(model.apply, params, carry, xs, keep_carries=True)
+  step = full_step(model)  # the step on raw inputs: the per-step VJPs below take x_tau
+  run = scan_steps(step, params, carry, xs, keep_carries=True)
   # The carry entering step tau: s_{tau - 1}, the initial carry for tau = 0.
   entering = jax.tree.map(lambda c, cs: jnp.concatenate([c[None], cs[:-1]]), carry, run.carries)
 
@@ -171,7 +172,7 @@ def _lag_profile(
     y_t = _at(run.outputs, t)
 
     def summed_loss(params, y_t):
-      out_t = apply_head(model.head, params, _at(y_t, None))
+      out_t = map_steps(model.head, params, _at(y_t, None))
       losses = jax.vmap(loss_fn)(out_t, _at(_at(ys, t), None))
       _checks.per_example_losses("lag_profile", losses, 1, batch)
       return jnp.sum(losses)
@@ -193,11 +194,11 @@ def _lag_profile(
       s_in, x_tau = _at(entering, tau), _at(xs, tau)
       dy_k = jax.tree.map(lambda a: jnp.where(k == 0, a, jnp.zeros_like(a)), dy)
       if not with_params:
-        _, state_vjp = jax.vjp(lambda s: model.apply(params, s, x_tau), s_in)
+        _, state_vjp = jax.vjp(lambda s: step(params, s, x_tau), s_in)
         (ds_in,) = state_vjp((ds, dy_k))
         norm = jnp.where(k == 0, _stream_norms(dy), _stream_norms(ds))
         return (ds_in, grad_sum), (norm, jnp.zeros((), norm.dtype))
-      _, step_vjp = jax.vjp(lambda p, s: model.apply(p, s, x_tau), params, s_in)
+      _, step_vjp = jax.vjp(lambda p, s: step(p, s, x_tau), params, s_in)
       dparams, ds_in = step_vjp((ds, dy_k))
       # c_{t,k}: the batch mean's gradient, the head's part at lag 0.
       c = jax.tree.map(
@@ -409,6 +410,7 @@ def _sequence_gradient(model, loss_fn, k1, k2, style, params, carry, inputs, tar
   grads, _ = tbptt_gradients(
     model.apply, loss_fn, params, carry, inputs, targets, k1=k1, k2=k2, style=style,
     head_fn=model.head,
+    embed_fn=model.embed,
   )  # fmt: skip
   time = jax.tree.leaves(inputs)[0].shape[1]
   weights = jnp.asarray(block_sizes(time, k1) / time)
@@ -516,7 +518,7 @@ def _flat_trajectory(model, params, carry, xs):
   s0, unravel = ravel_pytree(carry)
 
   def step(s, x_t):
-    new_carry, _ = model.apply(params, unravel(s), x_t)
+    new_carry, _ = full_step(model)(params, unravel(s), x_t)
     return ravel_pytree(new_carry)[0]
 
   def body(s, x_t):

@@ -42,7 +42,7 @@ import numpy as np
 import optax
 
 from tbptt_jax import _checks, _files
-from tbptt_jax.cells import CELL_NAMES, Cell, apply_head, cell_by_name
+from tbptt_jax.cells import CELL_NAMES, Cell, cell_by_name, full_step, map_steps
 from tbptt_jax.streams import batchify
 from tbptt_jax.truncation import block_sizes
 from tbptt_jax.unroll import scan_steps, time_major
@@ -346,8 +346,8 @@ def evaluator(
   @jax.jit
   def chunk_loss(params, carry, inputs, targets):
     xs = time_major(inputs)
-    run = scan_steps(model.apply, params, carry, (xs, None))
-    logits = apply_head(model.head, params, run.outputs)
+    run = scan_steps(full_step(model), params, carry, (xs, None))
+    logits = map_steps(model.head, params, run.outputs)
     return run.carry, jnp.sum(jax.vmap(cross_entropy)(logits, time_major(targets)))
 
   def evaluate(params: Any, tokens: Any) -> Evaluation:
@@ -410,7 +410,7 @@ def _vocab_size(model: Cell, params: Any) -> int:
   x_t = (jax.ShapeDtypeStruct((1,), jnp.int32), None)
 
   def logits(params, x_t):
-    _, y_t = model.apply(params, model.initial_carry(x_t), x_t)
+    _, y_t = full_step(model)(params, model.initial_carry(x_t), x_t)
     return y_t if model.head is None else model.head(params, y_t)
 
   return jax.eval_shape(logits, params, x_t).shape[-1]
@@ -432,11 +432,11 @@ def _check_token_ids(where: str, name: str, tokens: Any, vocab_size: int) -> Non
 def _sample(model, params, prompt, length, rng, temperature):
   carry = model.initial_carry((prompt[:1], None))
   # The prompt but its last token only sets the state.
-  run = scan_steps(model.apply, params, carry, (prompt[:-1, None], None), keep_outputs=False)
+  run = scan_steps(full_step(model), params, carry, (prompt[:-1, None], None), keep_outputs=False)
 
   def step(state, key):
     carry, w_t = state
-    carry, h_t = model.apply(params, carry, (w_t, None))
+    carry, h_t = full_step(model)(params, carry, (w_t, None))
     logits = model.head(params, h_t) / temperature
     w_next = jax.random.categorical(key, logits)
     return (carry, w_next), w_next

@@ -281,6 +281,7 @@ def tbptt_trainer(
           remat=remat,
           k2=k2,
           where="update",
+          embed_fn=model.embed,
         )
 
       operands = (state.params, state.carry, state.lookback, x, y, r)

@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tbptt_jax import _checks
-from tbptt_jax.cells import Carry, HeadFn, Params, StepFn, apply_head
+from tbptt_jax.cells import Carry, HeadFn, Params, StepFn, map_steps
 from tbptt_jax.unroll import masked_step, scan_steps, time_major, where_leading
 
 LossFn = Callable[[Any, Any], jax.Array]
@@ -110,6 +110,7 @@ def block_gradients(
   remat: int | None = None,
   k2: int | None = None,
   where: str = "block_gradients",
+  embed_fn: HeadFn | None = None,
 ) -> BlockResult:
   """The gradient of one TBPTT update, for a block of r <= k1 steps (time-major).
 
@@ -144,7 +145,7 @@ def block_gradients(
       step_fn,
       params,
       carry,
-      inputs,
+      map_steps(embed_fn, params, inputs),
       resets=resets,
       reset_carry=reset_carry,
       unroll=unroll,
@@ -186,7 +187,7 @@ def block_gradients(
           step_fn,
           params,
           s,
-          jax.tree.map(lambda a: a[first:], lookback_inputs),
+          map_steps(embed_fn, params, jax.tree.map(lambda a: a[first:], lookback_inputs)),
           resets=lookback.resets[first:],
           mask=lookback.valid[first:],
           reset_carry=reset_carry,
@@ -198,14 +199,14 @@ def block_gradients(
         step_fn,
         params,
         s,
-        inputs,
+        map_steps(embed_fn, params, inputs),
         resets=resets,
         reset_carry=reset_carry,
         unroll=unroll,
         keep_carries=True,
         remat=remat,
       )
-      outputs = apply_head(head_fn, params, run.outputs)
+      outputs = map_steps(head_fn, params, run.outputs)
       loss = mean_loss(jax.vmap(loss_fn)(outputs, targets))
       return loss, (run.carry, run.carries)
 
@@ -223,7 +224,7 @@ def block_gradients(
     entering = entering_states(block_carries)
     anchors = jax.tree.map(lambda a: a[skip : skip + r], entering)
     window_idx = skip + np.arange(r)[:, None] + np.arange(k2)[None, :]
-    windows = jax.tree.map(lambda a: a[window_idx], (all_inputs, all_resets, all_valid))
+    window_flags = (all_resets[window_idx], all_valid[window_idx])
 
     def window_output(params, anchor, window):
       # Per-loss truncation: l_t is differentiated through its own k2 steps
@@ -254,8 +255,11 @@ def block_gradients(
       return out_t
 
     def objective(params):
+      # Every step is embedded once, before the windows that share it are cut out.
+      embedded = map_steps(embed_fn, params, all_inputs)
+      windows = (jax.tree.map(lambda a: a[window_idx], embedded), *window_flags)
       outputs = jax.vmap(window_output, in_axes=(None, 0, 0))(params, anchors, windows)
-      outputs = apply_head(head_fn, params, outputs)
+      outputs = map_steps(head_fn, params, outputs)
       return mean_loss(jax.vmap(loss_fn)(outputs, targets))
 
     loss, grads = jax.value_and_grad(objective)(params)
@@ -328,6 +332,7 @@ def tbptt_gradients(
   unroll: int | bool = 1,
   head_fn: HeadFn | None = None,
   remat: int | None = None,
+  embed_fn: HeadFn | None = None,
 ) -> tuple[Params, Carry]:
   r"""The gradients of every update of TBPTT(k1, k2) over a sequence, at fixed params.
 
@@ -359,6 +364,9 @@ def tbptt_gradients(
       of this many steps (`unroll.scan_steps`): memory of about k2 / remat
       carries instead of k2 steps' intermediates, for one more forward pass,
       the same gradients. For long windows, e.g. full BPTT; s ~ sqrt(k2).
+    embed_fn: optional `embed_fn(params, x_t) -> e_t`, a stateless map applied
+      to every step's input before the scan (a `Cell`'s `embed`); `step_fn`
+      then takes e_t.
 
   Returns:
     `(grads, final_carry)`: `grads` is the pytree of `params` with a new leading
@@ -409,6 +417,7 @@ def tbptt_gradients(
       head_fn=head_fn,
       remat=remat,
       where=where,
+      embed_fn=embed_fn,
     )
     return (out.carry, out.lookback), out.grads
 

@@ -149,6 +149,29 @@ def test_trainer_with_artbp_makes_the_reweighted_gradient_of_its_draws():
   )
 
 
+def test_artbp_on_a_model_with_embed_trains_as_its_stack():
+  """ARTBP passes a model's `embed` through with the cut draws beside it: `with_embed` makes
+  the updates of the stack it stands for, windows that reach back included."""
+  k1, k2 = 2, 5
+  fast = tbptt_jax.with_embed(nn.Dense(IN), make_model())
+  plain = tbptt_jax.stack(tbptt_jax.feedforward(nn.Dense(IN)), make_model())
+  rng = np.random.default_rng(6)
+  x = rng.standard_normal((BATCH, 6, IN)).astype(np.float32)
+  y = rng.integers(0, CLASSES, (BATCH, 6))
+  states = []
+  for model in (fast, plain):
+    trainer = tbptt_jax.tbptt_trainer(
+      model, loss_fn, record_gradients(), k1=k1, k2=k2, artbp=artbp.ARTBP(mean_length=2.0)
+    )
+    state = trainer.init(jax.random.key(7), x[:, :k1])
+    state, _ = trainer.update(state, x[:, :4], y[:, :4])
+    state, _ = trainer.update(state, x[:, 4:], y[:, 4:])
+    states.append(state)
+  assert np.any(np.asarray(states[0].opt_state[0]["params"]["kernel"]) != 0)
+  chex.assert_trees_all_close(states[0].opt_state, states[1].opt_state, rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(states[0].carry, states[1].carry, rtol=1e-6)
+
+
 def test_a_set_of_windows_runs_the_shortest_that_reaches_every_cut_with_the_same_gradient():
   """ARTBP with k2 in (4, 6, 9) makes, update by update, the gradient of the k2 = 9 window (the
   same cap, the same draws), while running shorter windows when every stream's segment is short."""

@@ -282,6 +282,44 @@ def test_a_head_inside_a_stack_is_applied_in_the_step():
   assert model.head is None
 
 
+def test_with_embed_is_the_stack_with_its_first_layer_moved_before_the_scan():
+  fast = tbptt_jax.with_embed(nn.Embed(9, 3), tbptt_jax.elman(4))
+  plain = tbptt_jax.stack(tbptt_jax.feedforward(nn.Embed(9, 3)), tbptt_jax.elman(4))
+  x_t = jnp.array([1, 8])
+  params = fast.init(jax.random.key(0), x_t)
+  # The same parameters: (embedding, cell).
+  assert jax.tree.structure(params) == jax.tree.structure(plain.init(jax.random.key(0), x_t))
+  carry = fast.initial_carry(x_t)
+  e_t = fast.embed(params, x_t)
+  assert e_t.shape == (2, 3)  # the embedding is not in the step
+  want_carry, want_y = plain.apply(params, carry, x_t)
+  for got_carry, got_y in (
+    fast.apply(params, carry, e_t),
+    tbptt_jax.full_step(fast)(params, carry, x_t),
+  ):
+    np.testing.assert_allclose(got_y, want_y, rtol=1e-6)
+    chex.assert_trees_all_close(got_carry, want_carry)
+  assert plain.embed is None and tbptt_jax.full_step(plain) is plain.apply
+  with pytest.raises(ValueError, match="with_embed: cell must be a Cell"):
+    tbptt_jax.with_embed(nn.Embed(9, 3), nn.Dense(3))
+
+
+def test_an_embed_inside_a_stack_is_applied_in_the_step():
+  """Only the first layer's embed moves before the scan; a later one stays in the step."""
+  inner = tbptt_jax.with_embed(jnp.sin, tbptt_jax.elman(3))
+  model = tbptt_jax.with_head(tbptt_jax.stack(tbptt_jax.elman(4), inner), nn.Dense(2))
+  x_t = jnp.ones((2, 5))
+  params = model.init(jax.random.key(0), x_t)
+  assert model.embed is None
+  carry = model.initial_carry(x_t)
+  _, h_t = model.apply(params, carry, x_t)
+  s_t, _ = tbptt_jax.elman_step(params[0][0], carry[0][0], x_t)
+  _, want = tbptt_jax.elman_step(params[0][1][1], carry[0][1][1], jnp.sin(s_t))
+  np.testing.assert_allclose(h_t, want, rtol=1e-6)
+  _, out_t = tbptt_jax.cells.output(model, params, carry, x_t)
+  np.testing.assert_allclose(out_t, model.head(params, want), rtol=1e-6)
+
+
 def test_stack_rejects_no_cells_and_non_cells():
   with pytest.raises(ValueError, match="stack: expected one or more Cell"):
     tbptt_jax.stack()

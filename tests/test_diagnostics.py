@@ -182,6 +182,23 @@ def test_contributions_sum_to_full_bptt_and_to_per_loss_tbptt(name, classificati
   assert np.all(np.asarray(truncated.state_norms) > 0)
 
 
+def test_a_model_with_embed_has_the_profile_and_bias_of_its_stack(classification):
+  """The diagnostics run a cell's `embed` with its step: `with_embed` is the stack it
+  stands for (the same parameters), its input layer's gradient included."""
+  x, y = classification
+  cell = tbptt_jax.with_head(tbptt_jax.elman(HIDDEN), nn.Dense(3))
+  fast = tbptt_jax.with_embed(nn.Dense(2), cell)
+  plain = tbptt_jax.stack(tbptt_jax.feedforward(nn.Dense(2)), cell)
+  params = fast.init(jax.random.key(0), x[:, 0])
+  got = diagnostics.lag_profile(fast, xent, params, x, y, max_lag=3)
+  want = diagnostics.lag_profile(plain, xent, params, x, y, max_lag=3)
+  chex_close(got, want, atol=1e-6)
+  assert np.all(np.asarray(got.gradient[0]["params"]["kernel"]) != 0)
+  got = diagnostics.truncation_bias(fast, xent, params, x, y, k2s=[2])
+  want = diagnostics.truncation_bias(plain, xent, params, x, y, k2s=[2])
+  np.testing.assert_allclose(got.relative_error, want.relative_error, rtol=1e-5)
+
+
 def chex_close(a, b, atol):
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=0)

@@ -153,6 +153,37 @@ def test_head_after_the_scan_equals_the_readout_inside_the_step(problem, style, 
   np.testing.assert_array_equal(got_carry, carry)
 
 
+def input_projection(params, x_t):
+  return x_t @ params["U"]
+
+
+def projected_step(params, s_tm1, e_t):
+  """The oracle's step after its input projection: tanh(e_t + s_{t-1} W + b), then readout."""
+  s_t = jnp.tanh(e_t + s_tm1 @ params["W"] + params["b"])
+  return s_t, readout(params, s_t)
+
+
+@pytest.mark.parametrize("style,k1,k2", [("window", 2, 5), ("per_loss", 3, 2)])
+def test_embed_before_the_scan_equals_the_projection_inside_the_step(problem, style, k1, k2):
+  """An `embed_fn` applied to all steps at once, the windows that reach back included, is
+  the same model as the input projection in each step; its gradient (here U's) flows."""
+  grads, carry = library_gradients(problem, k1, k2, style)
+  fn = functools.partial(
+    tbptt_jax.tbptt_gradients,
+    projected_step,
+    loss_fn,
+    k1=k1,
+    k2=k2,
+    style=style,
+    embed_fn=input_projection,
+  )
+  with jax.enable_x64(True):
+    got, got_carry = jax.jit(fn)(problem["params"], problem["s0"], problem["x"], problem["y"])
+  for name in numpy_oracle.NAMES:
+    np.testing.assert_allclose(got[name], grads[name], rtol=1e-12, atol=1e-15, err_msg=name)
+  np.testing.assert_allclose(got_carry, carry, rtol=1e-14)
+
+
 def test_k2_beyond_the_sequence_is_full_backpropagation(problem):
   """No window reaches behind step 1: any k2 >= T gives the k2 = T gradients."""
   for style in ("window", "per_loss"):
