@@ -26,6 +26,13 @@ apply(params, carry, embed(params, x_t)) (`with_embed`): work that does not
 depend on the carry leaves the loop over time, whose steps a small network
 pays for one by one (RESULTS.md, section 7). `full_step` and `output` are the
 step on the cell's own inputs, whatever it hoists.
+
+A cell may also bring its own `scan`: the same function as `jax.lax.scan` of
+its `apply` over a window, with a backward pass written for it. `elman`'s
+runs the chain rule back through the states alone and computes the weight
+gradients of all steps after the loop, one matrix product each, where
+differentiating the scan accumulates them step by step inside the loop. The
+engine uses a cell's `scan` wherever a run has no resets or padding.
 """
 
 from __future__ import annotations
@@ -43,6 +50,8 @@ Params = Any
 Carry = Any
 StepFn = Callable[[Params, Carry, Any], tuple[Carry, Any]]
 HeadFn = Callable[[Params, Any], Any]
+# scan(params, carry, inputs, unroll) -> (carry, outputs, carries), see `Cell.scan`.
+ScanFn = Callable[[Params, Carry, Any, int | bool], tuple[Carry, Any, Carry]]
 
 # `initial_carry` is deterministic: cells initialise their carry with zeros
 # (every Flax cell's default `carry_init`), and a fixed key keeps any other
@@ -65,6 +74,12 @@ class Cell(NamedTuple):
       consumes e_t instead of x_t, and the engine applies `embed` to all
       steps of a window at once, before the scan. `init` and `initial_carry`
       still take x_t.
+    scan: optional `scan(params, carry, inputs, unroll) -> (carry, outputs,
+      carries)`, the same function as `jax.lax.scan` of `apply` over the
+      leading (time) axis of `inputs` (embedded, if the cell has `embed`):
+      the carry after the last step, and y_t and the carry after every step
+      stacked on a leading time axis. `unroll` is `jax.lax.scan`'s. The
+      engine calls it for runs without resets or padding.
   """
 
   init: Callable[[jax.Array, Any], Params]
@@ -72,6 +87,7 @@ class Cell(NamedTuple):
   apply: StepFn
   head: HeadFn | None = None
   embed: HeadFn | None = None
+  scan: ScanFn | None = None
 
 
 def map_steps(fn: HeadFn | None, params: Params, steps: Any) -> Any:
@@ -191,7 +207,78 @@ def elman(
   def apply(params: ElmanParams, s_tm1: jax.Array, x_t: jax.Array):
     return elman_step(params, s_tm1, x_t, activation)
 
-  return Cell(init, initial_carry, apply)
+  def scan(params: ElmanParams, s_0: jax.Array, xs: jax.Array, unroll: int | bool = 1):
+    jax.eval_shape(apply, params, s_0, xs[0])  # elman_step's checks of the shapes
+    s_T, states = _elman_scan(activation, unroll)(params, s_0, xs)
+    return s_T, states, states
+
+  return Cell(init, initial_carry, apply, scan=scan)
+
+
+def _elman_scan(activation: Callable[[jax.Array], jax.Array], unroll: int | bool):
+  r"""`elman_step` over the leading time axis of `xs`, with its backward pass written out.
+
+  Forward, with the input projection of all steps done first:
+
+      a_t = x_t U + b + s_{t-1} W,    s_t = f(a_t),    t = 1..T.
+
+  Backward, given g_t = dL/ds_t from the outputs (and from the final carry at
+  t = T), the loop carries only the state's cotangent:
+
+      dz_t = f'(a_t) * (g_t + dz_{t+1} W^T),    dL/ds_0 = dz_1 W^T,
+
+  and the weight gradients are sums over all steps, each one matrix product
+  over the T * batch rows once the loop is done (differentiating a scan of
+  `elman_step` would accumulate them step by step inside the loop):
+
+      dW = sum_t s_{t-1}^T dz_t,  dU = sum_t x_t^T dz_t,  db = sum_t 1^T dz_t,  dx_t = dz_t U^T.
+  """
+
+  def forward(params: ElmanParams, s_0: jax.Array, xs: jax.Array):
+    projected = xs @ params.U + params.b  # [T, batch, hidden]: one product for all steps
+
+    def step(s_tm1, p_t):
+      a_t = p_t + s_tm1 @ params.W
+      s_t = activation(a_t)
+      return s_t, (a_t, s_t)
+
+    s_T, (pre, states) = jax.lax.scan(step, s_0, projected, unroll=unroll)
+    return s_T, pre, states
+
+  @jax.custom_vjp
+  def run(params: ElmanParams, s_0: jax.Array, xs: jax.Array):
+    s_T, _, states = forward(params, s_0, xs)
+    return s_T, states
+
+  def run_forward(params, s_0, xs):
+    s_T, pre, states = forward(params, s_0, xs)
+    return (s_T, states), (params, s_0, xs, pre, states)
+
+  def run_backward(residuals, cotangents):
+    params, s_0, xs, pre, states = residuals
+    ds_T, dstates = cotangents
+
+    def step(ds_t, step_in):  # ds_t: the cotangent s_t gets from step t + 1 (and the carry)
+      a_t, g_t = step_in
+      _, activation_vjp = jax.vjp(activation, a_t)
+      (dz_t,) = activation_vjp(ds_t + g_t)
+      return dz_t @ params.W.T, dz_t
+
+    ds_0, dz = jax.lax.scan(step, ds_T, (pre, dstates), reverse=True, unroll=unroll)
+    s_prev = jnp.concatenate([s_0[None], states[:-1]])
+
+    def rows(a):  # [T, batch, n] -> [T * batch, n]: the steps as one batch
+      return a.reshape(-1, a.shape[-1])
+
+    dz_rows = rows(dz)
+    # db as a product too: XLA splits a sum over the steps of an unrolled loop into one
+    # reduction per step.
+    ones = jnp.ones((1, dz_rows.shape[0]), dz_rows.dtype)
+    grads = ElmanParams(U=rows(xs).T @ dz_rows, W=rows(s_prev).T @ dz_rows, b=(ones @ dz_rows)[0])
+    return grads, ds_0, dz @ params.U.T
+
+  run.defvjp(run_forward, run_backward)
+  return run
 
 
 def flax_cell(module: nn.RNNCellBase) -> Cell:
@@ -313,10 +400,37 @@ def stack(*cells: Cell) -> Cell:
       new_carry.append(layer_carry)
     return tuple(new_carry), x_t
 
+  def scan(params: tuple, carry: tuple, inputs: Any, unroll: int | bool = 1):
+    # Layer by layer over the whole window: layer l at step t reads only layer l - 1's
+    # output at step t, so this is the step-by-step stack, and each layer runs its own scan.
+    finals, carries, xs = [], [], inputs
+    for i, (cell, layer_params, layer_carry) in enumerate(zip(cells, params, carry, strict=True)):
+      if i > 0:
+        xs = map_steps(cell.embed, layer_params, xs)
+      if cell.scan is not None:
+        layer_carry, xs, layer_carries = cell.scan(layer_params, layer_carry, xs, unroll)
+      elif not jax.tree.leaves(layer_carry):  # stateless: every step at once, no loop
+        xs = jax.vmap(lambda x_t, p=layer_params, c=cell: c.apply(p, (), x_t)[1])(xs)
+        layer_carries = layer_carry
+      else:
+        layer_carry, (xs, layer_carries) = jax.lax.scan(
+          lambda c, x_t, p=layer_params, cell=cell: _with_carry(cell.apply(p, c, x_t)),
+          layer_carry,
+          xs,
+          unroll=unroll,
+        )
+      if i < len(cells) - 1:
+        xs = map_steps(cell.head, layer_params, xs)
+      finals.append(layer_carry)
+      carries.append(layer_carries)
+    return tuple(finals), xs, tuple(carries)
+
   first = cells[0]
   head = None if last.head is None else lambda params, y_t: last.head(params[-1], y_t)
   embed = None if first.embed is None else lambda params, x_t: first.embed(params[0], x_t)
-  return Cell(init, initial_carry, apply, head, embed)
+  # Only a stack holding a layer with its own scan has one; others scan the stacked step.
+  has_scan = any(c.scan is not None for c in cells)
+  return Cell(init, initial_carry, apply, head, embed, scan if has_scan else None)
 
 
 def with_head(cell: Cell, layer: nn.Module | Callable[[jax.Array], jax.Array]) -> Cell:
@@ -369,6 +483,12 @@ def output(cell: Cell, params: Params, carry: Carry, x_t: Any) -> tuple[Carry, A
   """One step of `cell` on its own inputs, embed and head included: `(carry, out_t)`."""
   carry, y_t = full_step(cell)(params, carry, x_t)
   return carry, (y_t if cell.head is None else cell.head(params, y_t))
+
+
+def _with_carry(step_out: tuple[Carry, Any]) -> tuple[Carry, tuple[Any, Carry]]:
+  """A step's `(carry, y_t)` as a scan body's `(carry, (y_t, carry))`: keeps every carry."""
+  carry, y_t = step_out
+  return carry, (y_t, carry)
 
 
 def _identity_step(params: Params, carry: Carry, x_t: Any) -> tuple[Carry, Any]:

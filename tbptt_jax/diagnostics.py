@@ -411,6 +411,7 @@ def _sequence_gradient(model, loss_fn, k1, k2, style, params, carry, inputs, tar
     model.apply, loss_fn, params, carry, inputs, targets, k1=k1, k2=k2, style=style,
     head_fn=model.head,
     embed_fn=model.embed,
+    scan_fn=model.scan,
   )  # fmt: skip
   time = jax.tree.leaves(inputs)[0].shape[1]
   weights = jnp.asarray(block_sizes(time, k1) / time)

@@ -282,6 +282,7 @@ def tbptt_trainer(
           k2=k2,
           where="update",
           embed_fn=model.embed,
+          scan_fn=model.scan,
         )
 
       operands = (state.params, state.carry, state.lookback, x, y, r)

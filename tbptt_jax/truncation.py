@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tbptt_jax import _checks
-from tbptt_jax.cells import Carry, HeadFn, Params, StepFn, map_steps
+from tbptt_jax.cells import Carry, HeadFn, Params, ScanFn, StepFn, map_steps
 from tbptt_jax.unroll import masked_step, scan_steps, time_major, where_leading
 
 LossFn = Callable[[Any, Any], jax.Array]
@@ -111,6 +111,7 @@ def block_gradients(
   k2: int | None = None,
   where: str = "block_gradients",
   embed_fn: HeadFn | None = None,
+  scan_fn: ScanFn | None = None,
 ) -> BlockResult:
   """The gradient of one TBPTT update, for a block of r <= k1 steps (time-major).
 
@@ -151,6 +152,7 @@ def block_gradients(
       unroll=unroll,
       keep_outputs=False,
       keep_carries=True,
+      scan_fn=scan_fn,
     )
     return run.carry, run.carries
 
@@ -205,6 +207,7 @@ def block_gradients(
         unroll=unroll,
         keep_carries=True,
         remat=remat,
+        scan_fn=scan_fn,
       )
       outputs = map_steps(head_fn, params, run.outputs)
       loss = mean_loss(jax.vmap(loss_fn)(outputs, targets))
@@ -333,6 +336,7 @@ def tbptt_gradients(
   head_fn: HeadFn | None = None,
   remat: int | None = None,
   embed_fn: HeadFn | None = None,
+  scan_fn: ScanFn | None = None,
 ) -> tuple[Params, Carry]:
   r"""The gradients of every update of TBPTT(k1, k2) over a sequence, at fixed params.
 
@@ -367,6 +371,9 @@ def tbptt_gradients(
     embed_fn: optional `embed_fn(params, x_t) -> e_t`, a stateless map applied
       to every step's input before the scan (a `Cell`'s `embed`); `step_fn`
       then takes e_t.
+    scan_fn: optional, the same function as `jax.lax.scan` of `step_fn` with
+      a backward pass of its own (a `Cell`'s `scan`), run instead of the
+      scan wherever a window has no resets and no padding.
 
   Returns:
     `(grads, final_carry)`: `grads` is the pytree of `params` with a new leading
@@ -418,6 +425,7 @@ def tbptt_gradients(
       remat=remat,
       where=where,
       embed_fn=embed_fn,
+      scan_fn=scan_fn,
     )
     return (out.carry, out.lookback), out.grads
 

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from tbptt_jax import _checks
-from tbptt_jax.cells import Carry, Params, StepFn
+from tbptt_jax.cells import Carry, Params, ScanFn, StepFn
 
 
 class Unrolled(NamedTuple):
@@ -74,6 +74,7 @@ def scan_steps(
   keep_outputs: bool = True,
   keep_carries: bool = False,
   remat: int | None = None,
+  scan_fn: ScanFn | None = None,
 ) -> Unrolled:
   """Runs `step_fn` over the leading (time) axis of `inputs`: the time-major core.
 
@@ -97,6 +98,9 @@ def scan_steps(
       intermediates, for one more forward pass (Gruslys et al., "Memory-
       Efficient Backpropagation Through Time", NeurIPS 2016; s ~ sqrt(T) is
       the classic choice). The values and gradients are the same.
+    scan_fn: optional `scan_fn(params, carry, inputs, unroll) -> (carry,
+      outputs, carries)`, the same function as scanning `step_fn` (a `Cell`'s
+      `scan`); used when there are no resets, no mask and no remat.
 
   Returns:
     `Unrolled(carry, outputs, carries)`.
@@ -112,6 +116,9 @@ def scan_steps(
     return carry, (y_t if keep_outputs else None, carry if keep_carries else None)
 
   time = jax.tree.leaves(inputs)[0].shape[0]
+  if scan_fn is not None and resets is None and mask is None and (remat is None or remat >= time):
+    carry, outputs, carries = scan_fn(params, carry, inputs, unroll)
+    return Unrolled(carry, outputs if keep_outputs else None, carries if keep_carries else None)
   if remat is None or remat >= time:
     carry, (outputs, carries) = jax.lax.scan(body, carry, (inputs, resets, mask), unroll=unroll)
     return Unrolled(carry, outputs, carries)

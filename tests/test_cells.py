@@ -320,6 +320,73 @@ def test_an_embed_inside_a_stack_is_applied_in_the_step():
   np.testing.assert_allclose(out_t, model.head(params, want), rtol=1e-6)
 
 
+def _scan_of_apply(cell, params, carry, xs, unroll):
+  """`jax.lax.scan` of the cell's step: what a cell's own `scan` must equal."""
+
+  def body(c, x_t):
+    c, y_t = cell.apply(params, c, x_t)
+    return c, (y_t, c)
+
+  carry, (outputs, carries) = jax.lax.scan(body, carry, xs, unroll=unroll)
+  return carry, outputs, carries
+
+
+def _scan_summary(scan, params, carry, xs):
+  """A scalar of every output of a scan, each weighted differently, and its gradients."""
+
+  def summary(params, carry, xs):
+    final, outputs, carries = scan(params, carry, xs)
+    leaves = jax.tree.leaves((final, outputs, carries))
+    return sum(jnp.sum(jnp.sin((i + 1.0) * leaf)) for i, leaf in enumerate(leaves))
+
+  return jax.value_and_grad(summary, argnums=(0, 1, 2))(params, carry, xs)
+
+
+@pytest.mark.parametrize("activation", [jnp.tanh, jax.nn.relu])
+@pytest.mark.parametrize("unroll", [1, True])
+def test_elman_scan_is_the_scan_of_its_step_with_its_own_backward_pass(activation, unroll):
+  """The written-out backward pass (weight gradients after the loop) is exact at float64:
+  values and gradients with respect to the parameters, the initial state and the inputs."""
+  cell = tbptt_jax.elman(4, activation=activation, param_dtype=jnp.float64)
+  rng = np.random.default_rng(0)
+  with jax.enable_x64(True):
+    xs = jnp.asarray(rng.standard_normal((6, 3, 2)))
+    s_0 = jnp.asarray(rng.standard_normal((3, 4)))
+    params = cell.init(jax.random.key(0), xs[0])
+    got = _scan_summary(lambda p, c, x: cell.scan(p, c, x, unroll), params, s_0, xs)
+    want = _scan_summary(lambda p, c, x: _scan_of_apply(cell, p, c, x, unroll), params, s_0, xs)
+  chex.assert_trees_all_close(got, want, rtol=1e-12, atol=1e-13)
+  with pytest.raises(ValueError, match=r"each input step must have shape \[batch, in_features=2\]"):
+    cell.scan(params, s_0, xs[..., :1], 1)
+
+
+def test_a_stack_with_a_scan_runs_layer_by_layer_as_its_step_does():
+  """A stack holding a layer with its own scan has one: each layer over the whole window in
+  turn (Elman's scan, a Flax GRU's lax.scan, a stateless layer at once), with the inner
+  embeds and heads; a stack without such a layer keeps none."""
+  inner = tbptt_jax.stack(
+    tbptt_jax.elman(4, param_dtype=jnp.float64),
+    tbptt_jax.feedforward(jnp.tanh),
+    tbptt_jax.flax_cell(nn.GRUCell(3, param_dtype=jnp.float64)),
+    tbptt_jax.with_embed(
+      jnp.sin,
+      tbptt_jax.with_head(
+        tbptt_jax.elman(2, param_dtype=jnp.float64), nn.Dense(3, param_dtype=jnp.float64)
+      ),
+    ),
+  )
+  model = tbptt_jax.with_head(inner, nn.Dense(2, param_dtype=jnp.float64))
+  assert model.scan is not None and tbptt_jax.stack(tbptt_jax.feedforward(jnp.tanh)).scan is None
+  rng = np.random.default_rng(1)
+  with jax.enable_x64(True):
+    xs = jnp.asarray(rng.standard_normal((5, 2, 3)))
+    params = model.init(jax.random.key(0), xs[0])
+    carry = jax.tree.map(lambda c: c + 0.1, model.initial_carry(xs[0]))
+    got = _scan_summary(lambda p, c, x: model.scan(p, c, x, 1), params, carry, xs)
+    want = _scan_summary(lambda p, c, x: _scan_of_apply(model, p, c, x, 1), params, carry, xs)
+  chex.assert_trees_all_close(got, want, rtol=1e-11, atol=1e-12)
+
+
 def test_stack_rejects_no_cells_and_non_cells():
   with pytest.raises(ValueError, match="stack: expected one or more Cell"):
     tbptt_jax.stack()

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import tbptt_jax
+from tbptt_jax.unroll import scan_steps
 
 BATCH, TIME, IN, HIDDEN = 2, 7, 3, 4
 
@@ -202,3 +203,29 @@ def test_bad_input_raises_naming_the_argument(name):
   args, kwargs, match = _bad(name)
   with pytest.raises(ValueError, match=match):
     tbptt_jax.unroll(*args, **kwargs)
+
+
+def test_a_cells_own_scan_runs_where_there_are_no_resets_padding_or_remat():
+  """`scan_steps` hands a run to `scan_fn` only when it is a plain scan of the step."""
+  cell = tbptt_jax.elman(3)
+  xs = jnp.ones((4, 2, 2))
+  params, carry = cell.init(jax.random.key(0), xs[0]), cell.initial_carry(xs[0])
+  calls = []
+
+  def spy(*args):
+    calls.append(1)
+    return cell.scan(*args)
+
+  def run(**kwargs):
+    calls.clear()
+    out = scan_steps(cell.apply, params, carry, xs, keep_carries=True, scan_fn=spy, **kwargs)
+    return len(calls), out
+
+  used, out = run()
+  plain = scan_steps(cell.apply, params, carry, xs, keep_carries=True)
+  assert used == 1
+  chex.assert_trees_all_close(out, plain, rtol=1e-6)
+  assert run(resets=jnp.zeros((4, 2), bool))[0] == 0
+  assert run(mask=jnp.ones((4,), bool))[0] == 0
+  assert run(remat=2)[0] == 0
+  assert run(remat=4)[0] == 1  # a segment as long as the run is no remat
