@@ -69,7 +69,7 @@ PRESETS = {
 def r2rt_model(hidden: int) -> tj.Cell:
   """r2rt's network, `synthetic.model(elman(hidden))`, with the one-hot encoding before the
   scan (`with_embed`) and the readout after it (`with_head`): the same function, its loop
-  over time holding the Elman cell only (1.02-1.1x the speed, RESULTS.md section 7)."""
+  over time holding the Elman cell only, differentiated by its own `scan` (RESULTS.md section 7)."""
   one_hot = functools.partial(jax.nn.one_hot, num_classes=2)
   return tj.with_head(tj.with_embed(one_hot, tj.elman(hidden)), nn.Dense(2))
 
