@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 import platform
+import shlex
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -37,6 +40,19 @@ def machine() -> dict[str, Any]:
     "cpu_model": cpu_model(),
     "cpu_count": os.cpu_count(),
     "platform": platform.platform(),
+  }
+
+
+def summary(benchmark: str, **fields: Any) -> dict[str, Any]:
+  """A benchmark's JSON record: its name, today's date and its exact command, `fields`, then
+  the machine and its load average."""
+  return {
+    "benchmark": benchmark,
+    "date": datetime.date.today().isoformat(),
+    "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
+    **fields,
+    "machine": machine(),
+    "load_average": load_average(),
   }
 
 

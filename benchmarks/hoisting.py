@@ -22,10 +22,7 @@ preset's setting).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import shlex
-import sys
 
 import common
 import numpy as np
@@ -62,16 +59,12 @@ def main(argv=None):
   print(f"{'r2rt trainer':30} {'tokens/s':>12} {'vs ' + first:>22}  rounds")
   for name, rate in rates.items():
     print(f"{name:30} {rate:12,.0f} {rate / base:21.2f}x  {len(times[name])}")
-  summary = {
-    "benchmark": "hoisting",
-    "date": datetime.date.today().isoformat(),
-    "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
-    "tokens_per_s": rates,
-    "relative": {name: rate / base for name, rate in rates.items()},
-    "rounds": {name: len(ts) for name, ts in times.items()},
-    "machine": common.machine(),
-    "load_average": common.load_average(),
-  }
+  summary = common.summary(
+    "hoisting",
+    tokens_per_s=rates,
+    relative={name: rate / base for name, rate in rates.items()},
+    rounds={name: len(ts) for name, ts in times.items()},
+  )
   if args.json:
     print(json.dumps(summary))
 

@@ -18,10 +18,8 @@ TPUs the real devices are used and the flag has no effect.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import shlex
 import sys
 
 
@@ -95,16 +93,9 @@ def main(argv=None):
         f"{r['ratio_to_one_device'][name]:5.2f}x  {r['rounds'][name]}"
       )
   print("1*: one device, no mesh (the default)" + ("; CPU devices are fake" if fake else ""))
-  summary = {
-    "benchmark": "scaling",
-    "date": datetime.date.today().isoformat(),
-    "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
-    "fake_cpu_devices": fake,
-    "xla_flags": os.environ.get("XLA_FLAGS"),
-    "results": results,
-    "machine": common.machine(),
-    "load_average": common.load_average(),
-  }
+  summary = common.summary(
+    "scaling", fake_cpu_devices=fake, xla_flags=os.environ.get("XLA_FLAGS"), results=results
+  )
   if args.json:
     print(json.dumps(summary))
 

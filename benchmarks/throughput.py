@@ -24,12 +24,9 @@ as missing, never estimated.
 from __future__ import annotations
 
 import argparse
-import datetime
 import functools
 import json
 import os
-import shlex
-import sys
 from typing import NamedTuple
 
 import common
@@ -205,36 +202,34 @@ def measure(
   return result
 
 
+def _unroll(text: str) -> int | bool:
+  """`--unroll`: a positive integer, or 'full' (True)."""
+  if text == "full":
+    return True
+  if not text.isdigit() or int(text) < 1:
+    raise argparse.ArgumentTypeError(f"must be a positive integer or 'full', got {text!r}")
+  return int(text)
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--preset", choices=sorted(PRESETS), nargs="+", default=["small"])
   parser.add_argument("--seconds", type=float, default=60, help="measuring time per preset")
   parser.add_argument(
     "--unroll",
+    type=_unroll,
     default=None,
     help="tbptt_jax's lax.scan unroll over time, an integer or 'full' (default: the preset's)",
   )
   parser.add_argument("--json", action="store_true")
   args = parser.parse_args(argv)
-  unroll = {None: None, "full": True}.get(args.unroll, args.unroll)
-  if isinstance(unroll, str):
-    if not unroll.isdigit() or int(unroll) < 1:
-      parser.error(f"--unroll must be a positive integer or 'full', got {unroll!r}")
-    unroll = int(unroll)
-  results = [measure(name, args.seconds, unroll=unroll) for name in args.preset]
+  results = [measure(name, args.seconds, unroll=args.unroll) for name in args.preset]
   print(f"{'preset':8} {'tbptt_jax tokens/s':>19} {'pytorch tokens/s':>17} {'ratio':>6}  rounds")
   for r in results:
     base = "missing" if r["baseline_tokens_per_s"] is None else f"{r['baseline_tokens_per_s']:,.0f}"
     ratio = "-" if r["ratio"] is None else f"{r['ratio']:.2f}x"
     print(f"{r['preset']:8} {r['tokens_per_s']:19,.0f} {base:>17} {ratio:>6}  {r['rounds']}")
-  summary = {
-    "benchmark": "throughput",
-    "date": datetime.date.today().isoformat(),
-    "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
-    "results": results,
-    "machine": common.machine(),
-    "load_average": common.load_average(),
-  }
+  summary = common.summary("throughput", results=results)
   if args.json:
     print(json.dumps(summary if len(results) > 1 else {**results[0], **summary}))
 

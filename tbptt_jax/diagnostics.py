@@ -517,9 +517,10 @@ def _one_stream(where, model, inputs, carry, stream):
 def _flat_trajectory(model, params, carry, xs):
   """`step(s, x_t) -> s'` on the flattened carry, and the flat carry entering each step."""
   s0, unravel = ravel_pytree(carry)
+  model_step = full_step(model)
 
   def step(s, x_t):
-    new_carry, _ = full_step(model)(params, unravel(s), x_t)
+    new_carry, _ = model_step(params, unravel(s), x_t)
     return ravel_pytree(new_carry)[0]
 
   def body(s, x_t):

@@ -116,10 +116,11 @@ def scan_steps(
     return carry, (y_t if keep_outputs else None, carry if keep_carries else None)
 
   time = jax.tree.leaves(inputs)[0].shape[0]
-  if scan_fn is not None and resets is None and mask is None and (remat is None or remat >= time):
+  one_segment = remat is None or remat >= time
+  if scan_fn is not None and resets is None and mask is None and one_segment:
     carry, outputs, carries = scan_fn(params, carry, inputs, unroll)
     return Unrolled(carry, outputs if keep_outputs else None, carries if keep_carries else None)
-  if remat is None or remat >= time:
+  if one_segment:
     carry, (outputs, carries) = jax.lax.scan(body, carry, (inputs, resets, mask), unroll=unroll)
     return Unrolled(carry, outputs, carries)
 
