@@ -44,7 +44,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from tbptt_jax import _checks
+from tbptt_jax import _checks, _layers
 
 Params = Any
 Carry = Any
@@ -324,27 +324,12 @@ def feedforward(layer: nn.Module | Callable[[jax.Array], jax.Array]) -> Cell:
       ...), or a parameter-free function of the step such as
       `functools.partial(jax.nn.one_hot, num_classes=2)`.
   """
-  if isinstance(layer, nn.Module):
+  layer_init, layer_apply = _layers.stateless("feedforward", "layer", layer)
 
-    def init(rng: jax.Array, x_t: Any) -> Params:
-      return layer.init(rng, _example(x_t))
+  def apply(params: Params, carry: tuple, x_t: Any):
+    return carry, layer_apply(params, x_t)
 
-    def apply(params: Params, carry: tuple, x_t: Any):
-      return carry, layer.apply(params, x_t)
-
-  elif callable(layer):
-
-    def init(rng: jax.Array, x_t: Any) -> Params:
-      del rng, x_t
-      return ()
-
-    def apply(params: Params, carry: tuple, x_t: Any):
-      del params
-      return carry, layer(x_t)
-
-  else:
-    raise ValueError(f"feedforward: layer must be a flax module or a function, got {layer!r}")
-  return Cell(init, lambda x_t: (), apply)
+  return Cell(layer_init, lambda x_t: (), apply)
 
 
 def stack(*cells: Cell) -> Cell:
@@ -500,11 +485,7 @@ def _carry_free(apply: StepFn) -> HeadFn:
   return lambda params, y_t: apply(params, (), y_t)[1]
 
 
-def _example(x_t: Any) -> Any:
-  """Concrete zero arrays in place of the shape-only leaves of an example input."""
-  return jax.tree.map(
-    lambda a: jnp.zeros(a.shape, a.dtype) if isinstance(a, jax.ShapeDtypeStruct) else a, x_t
-  )
+_example = _layers.example
 
 
 # The cells the command line and the presets can name.
