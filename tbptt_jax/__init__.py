@@ -7,7 +7,8 @@ long sequence in order. Modules, one idea each:
 
   cells       the cell contract; the Elman cell; Flax cells; stacking
   unroll      lax.scan over time, carry in / carry out, resets
-  truncation  TBPTT(k1, k2), window and per-loss styles: `tbptt_gradients`
+  truncation  TBPTT(k1, k2), window and per-loss styles: `Truncation`, the
+              engine `cell_gradients` and its loose-function form `tbptt_gradients`
   streams     parallel streams of one long sequence: `batchify`, chunks
   train       the optax-style training factory `tbptt_trainer`
   adaptive    adaptive k2 for a tolerated bias (Aicher et al. 2019)
@@ -50,6 +51,7 @@ from tbptt_jax.cells import elman as elman
 from tbptt_jax.cells import elman_step as elman_step
 from tbptt_jax.cells import feedforward as feedforward
 from tbptt_jax.cells import flax_cell as flax_cell
+from tbptt_jax.cells import from_step as from_step
 from tbptt_jax.cells import full_step as full_step
 from tbptt_jax.cells import stack as stack
 from tbptt_jax.cells import with_embed as with_embed
@@ -62,6 +64,9 @@ from tbptt_jax.train import TrainState as TrainState
 from tbptt_jax.train import UpdateMetrics as UpdateMetrics
 from tbptt_jax.train import tbptt_trainer as tbptt_trainer
 from tbptt_jax.truncation import Lookback as Lookback
+from tbptt_jax.truncation import StreamState as StreamState
+from tbptt_jax.truncation import Truncation as Truncation
+from tbptt_jax.truncation import cell_gradients as cell_gradients
 from tbptt_jax.truncation import tbptt_gradients as tbptt_gradients
 from tbptt_jax.unroll import unroll as unroll
 
@@ -75,8 +80,10 @@ __all__ = (
   "ElmanParams",
   "K2Choice",
   "Lookback",
+  "StreamState",
   "TrainState",
   "Trainer",
+  "Truncation",
   "UpdateMetrics",
   "adaptive",
   "adaptive_k2",
@@ -84,6 +91,7 @@ __all__ = (
   "artbp_cell",
   "batchify",
   "cell_by_name",
+  "cell_gradients",
   "checkpoint",
   "data",
   "data_mesh",
@@ -92,6 +100,7 @@ __all__ = (
   "elman_step",
   "feedforward",
   "flax_cell",
+  "from_step",
   "full_step",
   "iterate_chunks",
   "lm",

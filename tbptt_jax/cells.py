@@ -37,6 +37,7 @@ engine uses a cell's `scan` wherever a run has no resets or padding.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -110,6 +111,40 @@ def full_step(cell: Cell) -> StepFn:
   if cell.embed is None:
     return cell.apply
   return lambda params, carry, x_t: cell.apply(params, carry, cell.embed(params, x_t))
+
+
+def from_step(
+  step_fn: StepFn,
+  *,
+  head: HeadFn | None = None,
+  embed: HeadFn | None = None,
+  scan: ScanFn | None = None,
+) -> Cell:
+  """A `Cell` from a bare step function and, optionally, its head, embed and scan.
+
+  For functions that take the pieces of a model one by one (`tbptt_gradients`,
+  `unroll`): the engine takes a `Cell`, and the pieces travel together in it.
+  The cell has no initialiser: its parameters and carry come from the caller,
+  and its `init` and `initial_carry` raise.
+
+  Args:
+    step_fn: `step_fn(params, carry, x_t) -> (carry, y_t)` on a batch.
+    head: optional stateless readout `head(params, y_t) -> out_t` (`Cell.head`).
+    embed: optional stateless input map `embed(params, x_t) -> e_t`; `step_fn`
+      then takes e_t (`Cell.embed`).
+    scan: optional scan of `step_fn` with a backward pass of its own (`Cell.scan`).
+  """
+  if not callable(step_fn):
+    raise ValueError(f"from_step: step_fn must be a function (params, carry, x_t), got {step_fn!r}")
+  return Cell(_no_init, _no_initial_carry, step_fn, head, embed, scan)
+
+
+def _no_init(rng: jax.Array, x_t: Any) -> Params:
+  raise ValueError("from_step: this cell has no init; pass its parameters explicitly")
+
+
+def _no_initial_carry(x_t: Any) -> Carry:
+  raise ValueError("from_step: this cell has no initial carry; pass the carry explicitly")
 
 
 class ElmanParams(NamedTuple):
@@ -234,16 +269,7 @@ def _elman_scan(activation: Callable[[jax.Array], jax.Array], unroll: int | bool
       dW = sum_t s_{t-1}^T dz_t,  dU = sum_t x_t^T dz_t,  db = sum_t 1^T dz_t,  dx_t = dz_t U^T.
   """
 
-  def forward(params: ElmanParams, s_0: jax.Array, xs: jax.Array):
-    projected = xs @ params.U + params.b  # [T, batch, hidden]: one product for all steps
-
-    def step(s_tm1, p_t):
-      a_t = p_t + s_tm1 @ params.W
-      s_t = activation(a_t)
-      return s_t, (a_t, s_t)
-
-    s_T, (pre, states) = jax.lax.scan(step, s_0, projected, unroll=unroll)
-    return s_T, pre, states
+  forward = functools.partial(_elman_forward, activation, unroll)
 
   @jax.custom_vjp
   def run(params: ElmanParams, s_0: jax.Array, xs: jax.Array):
@@ -254,31 +280,47 @@ def _elman_scan(activation: Callable[[jax.Array], jax.Array], unroll: int | bool
     s_T, pre, states = forward(params, s_0, xs)
     return (s_T, states), (params, s_0, xs, pre, states)
 
-  def run_backward(residuals, cotangents):
-    params, s_0, xs, pre, states = residuals
-    ds_T, dstates = cotangents
-
-    def step(ds_t, step_in):  # ds_t: the cotangent s_t gets from step t + 1 (and the carry)
-      a_t, g_t = step_in
-      _, activation_vjp = jax.vjp(activation, a_t)
-      (dz_t,) = activation_vjp(ds_t + g_t)
-      return dz_t @ params.W.T, dz_t
-
-    ds_0, dz = jax.lax.scan(step, ds_T, (pre, dstates), reverse=True, unroll=unroll)
-    s_prev = jnp.concatenate([s_0[None], states[:-1]])
-
-    def rows(a):  # [T, batch, n] -> [T * batch, n]: the steps as one batch
-      return a.reshape(-1, a.shape[-1])
-
-    dz_rows = rows(dz)
-    # db as a product too: XLA splits a sum over the steps of an unrolled loop into one
-    # reduction per step.
-    ones = jnp.ones((1, dz_rows.shape[0]), dz_rows.dtype)
-    grads = ElmanParams(U=rows(xs).T @ dz_rows, W=rows(s_prev).T @ dz_rows, b=(ones @ dz_rows)[0])
-    return grads, ds_0, dz @ params.U.T
-
-  run.defvjp(run_forward, run_backward)
+  run.defvjp(run_forward, functools.partial(_elman_backward, activation, unroll))
   return run
+
+
+def _elman_forward(activation, unroll, params: ElmanParams, s_0: jax.Array, xs: jax.Array):
+  """The states of `_elman_scan` and their pre-activations a_t, `[T, batch, hidden]` each."""
+  projected = xs @ params.U + params.b  # [T, batch, hidden]: one product for all steps
+
+  def step(s_tm1, p_t):
+    a_t = p_t + s_tm1 @ params.W
+    s_t = activation(a_t)
+    return s_t, (a_t, s_t)
+
+  s_T, (pre, states) = jax.lax.scan(step, s_0, projected, unroll=unroll)
+  return s_T, pre, states
+
+
+def _elman_backward(activation, unroll, residuals, cotangents):
+  """The backward pass of `_elman_scan`: dz_t back through the states, then the weights."""
+  params, s_0, xs, pre, states = residuals
+  ds_T, dstates = cotangents
+
+  def step(ds_t, step_in):  # ds_t: the cotangent s_t gets from step t + 1 (and the carry)
+    a_t, g_t = step_in
+    _, activation_vjp = jax.vjp(activation, a_t)
+    (dz_t,) = activation_vjp(ds_t + g_t)
+    return dz_t @ params.W.T, dz_t
+
+  ds_0, dz = jax.lax.scan(step, ds_T, (pre, dstates), reverse=True, unroll=unroll)
+  s_prev = jnp.concatenate([s_0[None], states[:-1]])
+  dz_rows = _rows(dz)
+  # db as a product too: XLA splits a sum over the steps of an unrolled loop into one
+  # reduction per step.
+  ones = jnp.ones((1, dz_rows.shape[0]), dz_rows.dtype)
+  grads = ElmanParams(U=_rows(xs).T @ dz_rows, W=_rows(s_prev).T @ dz_rows, b=(ones @ dz_rows)[0])
+  return grads, ds_0, dz @ params.U.T
+
+
+def _rows(a: jax.Array) -> jax.Array:
+  """`[T, batch, n]` -> `[T * batch, n]`: the steps of a window as one batch."""
+  return a.reshape(-1, a.shape[-1])
 
 
 def flax_cell(module: nn.RNNCellBase) -> Cell:
@@ -339,6 +381,8 @@ def stack(*cells: Cell) -> Cell:
   is applied inside the step, except the last layer's, which becomes the
   stack's head (applied after the scan); likewise a layer's `embed`, except
   the first layer's, which becomes the stack's embed (applied before it).
+  The stack has a `scan` when one of its layers has one: it then runs the
+  window layer by layer, each layer with its own scan.
 
   Example: a two-layer LSTM language model over a 1000-word vocabulary.
     >>> model = stack(
@@ -350,72 +394,92 @@ def stack(*cells: Cell) -> Cell:
   """
   if not cells or not all(isinstance(c, Cell) for c in cells):
     raise ValueError(f"stack: expected one or more Cell, got {cells!r}")
-  last = cells[-1]
-
-  def init(rng: jax.Array, x_t: Any) -> tuple:
-    params = []
-    for cell, key in zip(cells, jax.random.split(rng, len(cells)), strict=True):
-      x_t = _example(x_t)
-      layer_params = cell.init(key, x_t)
-      params.append(layer_params)
-      x_t = jax.eval_shape(
-        lambda x, c=cell, p=layer_params: output(c, p, c.initial_carry(x), x)[1], x_t
-      )
-    return tuple(params)
-
-  def initial_carry(x_t: Any) -> tuple:
-    carries = []
-    for cell in cells:
-      carry = cell.initial_carry(x_t)
-      carries.append(carry)
-      # Only shapes are needed to size the next layer, so nothing is computed.
-      x_t = jax.eval_shape(
-        lambda x, c=cell, h=carry: output(c, c.init(jax.random.key(_CARRY_KEY), x), h, x)[1], x_t
-      )
-    return tuple(carries)
-
-  def apply(params: tuple, carry: tuple, x_t: Any):
-    new_carry = []
-    for i, (cell, layer_params, layer_carry) in enumerate(zip(cells, params, carry, strict=True)):
-      if i > 0 and cell.embed is not None:  # the first layer's embed is the stack's
-        x_t = cell.embed(layer_params, x_t)
-      layer_carry, x_t = cell.apply(layer_params, layer_carry, x_t)
-      if i < len(cells) - 1 and cell.head is not None:  # the last layer's head is the stack's
-        x_t = cell.head(layer_params, x_t)
-      new_carry.append(layer_carry)
-    return tuple(new_carry), x_t
-
-  def scan(params: tuple, carry: tuple, inputs: Any, unroll: int | bool = 1):
-    # Layer by layer over the whole window: layer l at step t reads only layer l - 1's
-    # output at step t, so this is the step-by-step stack, and each layer runs its own scan.
-    finals, carries, xs = [], [], inputs
-    for i, (cell, layer_params, layer_carry) in enumerate(zip(cells, params, carry, strict=True)):
-      if i > 0:
-        xs = map_steps(cell.embed, layer_params, xs)
-      if cell.scan is not None:
-        layer_carry, xs, layer_carries = cell.scan(layer_params, layer_carry, xs, unroll)
-      elif not jax.tree.leaves(layer_carry):  # stateless: every step at once, no loop
-        xs = jax.vmap(lambda x_t, p=layer_params, c=cell: c.apply(p, (), x_t)[1])(xs)
-        layer_carries = layer_carry
-      else:
-        layer_carry, (xs, layer_carries) = jax.lax.scan(
-          lambda c, x_t, p=layer_params, cell=cell: _with_carry(cell.apply(p, c, x_t)),
-          layer_carry,
-          xs,
-          unroll=unroll,
-        )
-      if i < len(cells) - 1:
-        xs = map_steps(cell.head, layer_params, xs)
-      finals.append(layer_carry)
-      carries.append(layer_carries)
-    return tuple(finals), xs, tuple(carries)
-
-  first = cells[0]
-  head = None if last.head is None else lambda params, y_t: last.head(params[-1], y_t)
-  embed = None if first.embed is None else lambda params, x_t: first.embed(params[0], x_t)
+  first, last = cells[0], cells[-1]
+  head = None if last.head is None else functools.partial(_last_head, last.head)
+  embed = None if first.embed is None else functools.partial(_first_embed, first.embed)
   # Only a stack holding a layer with its own scan has one; others scan the stacked step.
   has_scan = any(c.scan is not None for c in cells)
-  return Cell(init, initial_carry, apply, head, embed, scan if has_scan else None)
+  return Cell(
+    init=functools.partial(_stack_init, cells),
+    initial_carry=functools.partial(_stack_initial_carry, cells),
+    apply=functools.partial(_stack_apply, cells),
+    head=head,
+    embed=embed,
+    scan=functools.partial(_stack_scan, cells) if has_scan else None,
+  )
+
+
+def _last_head(head: HeadFn, params: tuple, y_t: Any) -> Any:
+  return head(params[-1], y_t)
+
+
+def _first_embed(embed: HeadFn, params: tuple, x_t: Any) -> Any:
+  return embed(params[0], x_t)
+
+
+def _stack_init(cells: tuple[Cell, ...], rng: jax.Array, x_t: Any) -> tuple:
+  params = []
+  for cell, key in zip(cells, jax.random.split(rng, len(cells)), strict=True):
+    x_t = _example(x_t)
+    layer_params = cell.init(key, x_t)
+    params.append(layer_params)
+    x_t = jax.eval_shape(
+      lambda x, c=cell, p=layer_params: output(c, p, c.initial_carry(x), x)[1], x_t
+    )
+  return tuple(params)
+
+
+def _stack_initial_carry(cells: tuple[Cell, ...], x_t: Any) -> tuple:
+  carries = []
+  for cell in cells:
+    carry = cell.initial_carry(x_t)
+    carries.append(carry)
+    # Only shapes are needed to size the next layer, so nothing is computed.
+    x_t = jax.eval_shape(
+      lambda x, c=cell, h=carry: output(c, c.init(jax.random.key(_CARRY_KEY), x), h, x)[1], x_t
+    )
+  return tuple(carries)
+
+
+def _stack_apply(cells: tuple[Cell, ...], params: tuple, carry: tuple, x_t: Any):
+  new_carry = []
+  for i, (cell, layer_params, layer_carry) in enumerate(zip(cells, params, carry, strict=True)):
+    if i > 0 and cell.embed is not None:  # the first layer's embed is the stack's
+      x_t = cell.embed(layer_params, x_t)
+    layer_carry, x_t = cell.apply(layer_params, layer_carry, x_t)
+    if i < len(cells) - 1 and cell.head is not None:  # the last layer's head is the stack's
+      x_t = cell.head(layer_params, x_t)
+    new_carry.append(layer_carry)
+  return tuple(new_carry), x_t
+
+
+def _stack_scan(
+  cells: tuple[Cell, ...], params: tuple, carry: tuple, inputs: Any, unroll: int | bool = 1
+):
+  # Layer by layer over the whole window: layer l at step t reads only layer l - 1's
+  # output at step t, so this is the step-by-step stack, and each layer runs its own scan.
+  finals, carries, xs = [], [], inputs
+  for i, (cell, layer_params, layer_carry) in enumerate(zip(cells, params, carry, strict=True)):
+    if i > 0:
+      xs = map_steps(cell.embed, layer_params, xs)
+    layer_carry, xs, layer_carries = _layer_scan(cell, layer_params, layer_carry, xs, unroll)
+    if i < len(cells) - 1:
+      xs = map_steps(cell.head, layer_params, xs)
+    finals.append(layer_carry)
+    carries.append(layer_carries)
+  return tuple(finals), xs, tuple(carries)
+
+
+def _layer_scan(cell: Cell, params: Params, carry: Carry, xs: Any, unroll: int | bool):
+  """One layer of a stack over a window: its own scan, one vmap if stateless, else lax.scan."""
+  if cell.scan is not None:
+    return cell.scan(params, carry, xs, unroll)
+  if not jax.tree.leaves(carry):  # stateless: every step at once, no loop
+    return carry, jax.vmap(lambda x_t: cell.apply(params, (), x_t)[1])(xs), carry
+  carry, (ys, carries) = jax.lax.scan(
+    lambda c, x_t: _with_carry(cell.apply(params, c, x_t)), carry, xs, unroll=unroll
+  )
+  return carry, ys, carries
 
 
 def with_head(cell: Cell, layer: nn.Module | Callable[[jax.Array], jax.Array]) -> Cell:

@@ -35,11 +35,16 @@ from tbptt_jax import _checks, sharding
 from tbptt_jax import artbp as _artbp
 from tbptt_jax.cells import Carry, Cell, Params
 from tbptt_jax.truncation import (
+  Block,
+  BlockResult,
   Lookback,
   LossFn,
+  ScanOptions,
+  StreamState,
+  Truncation,
   block_gradients,
-  empty_lookback,
   scan_blocks,
+  start_of_sequence,
 )
 from tbptt_jax.unroll import time_major
 
@@ -181,6 +186,50 @@ def tbptt_trainer(
     >>> for x, y in iterate_chunks(streams, 100):  # 10 updates per call
     ...   state, metrics = trainer.update(state, x, y)
   """
+  config = _configure(
+    model, loss_fn, optimizer, k1, k2, style, max_grad_norm, unroll, step_rngs,
+    skip_nonfinite, remat, artbp,
+  )  # fmt: skip
+  init = functools.partial(_init, config)
+  update = functools.partial(_update, config)
+  reset = functools.partial(_reset, config)
+  if mesh is not None:  # the same update, its streams split over the mesh's devices
+    init, jitted, reset = sharding.data_parallel(mesh, init, update, reset)
+  else:
+    jitted = jax.jit(update, donate_argnums=0)
+  k2s = tuple(t.k2 for t in config.truncations)
+  return Trainer(init, jitted, reset, functools.partial(_set_k2, config), k2s)
+
+
+class _Config(NamedTuple):
+  """What `tbptt_trainer` closes over, checked: the functions below take it first."""
+
+  model: Cell  # the model, wrapped by `artbp_cell` when training with ARTBP
+  loss_fn: LossFn
+  optimizer: optax.GradientTransformation
+  truncations: tuple[Truncation, ...]  # one per compiled k2, ascending
+  options: ScanOptions
+  max_grad_norm: float | None
+  step_rngs: bool  # the model's steps take (x_t, rng_t)
+  skip_nonfinite: bool
+  artbp: _artbp.ARTBP | None
+  max_length: int  # ARTBP's longest segment (unused without ARTBP)
+
+  @property
+  def k1(self) -> int:
+    return self.truncations[0].k1
+
+  @property
+  def lookback_k2(self) -> int:
+    """The longest window, whose k2 - 1 steps the lookback keeps."""
+    return self.truncations[-1].k2
+
+
+def _configure(
+  model, loss_fn, optimizer, k1, k2, style, max_grad_norm, unroll, step_rngs,
+  skip_nonfinite, remat, artbp,
+) -> _Config:  # fmt: skip
+  """`tbptt_trainer`'s arguments, checked once, as a `_Config`."""
   where = "tbptt_trainer"
   if not isinstance(model, Cell):
     raise ValueError(f"{where}: model must be a tbptt_jax.Cell, got {type(model).__name__}")
@@ -190,12 +239,11 @@ def tbptt_trainer(
     )
   k1 = _checks.positive_int(where, "k1", k1)
   k2s = _checks.k2_set(where, "k2", k1 if k2 is None else k2)
-  for k in k2s:
-    k1, _, style = _checks.truncation(where, k1, k, style)
-  k2 = k2s[-1]  # the lookback serves the longest window
+  truncations = tuple(Truncation(*_checks.truncation(where, k1, k, style)) for k in k2s)
+  style, k2 = truncations[0].style, k2s[-1]
+  max_length = k2 - k1 + 1 if style == "window" else k2
   if artbp is not None:
     artbp = _artbp.check(where, artbp)
-    max_length = k2 - k1 + 1 if style == "window" else k2
     if (len(k2s) > 1 and style != "window") or max_length < 2:
       raise ValueError(
         f"{where}: artbp needs segments of >= 2 steps: k2 > k1 in window style, one "
@@ -209,149 +257,150 @@ def tbptt_trainer(
   _checks.unroll(where, unroll)
   if remat is not None:
     _checks.positive_int(where, "remat", remat)
-  # Clipping runs before the optimizer but outside its state, so `opt_state`
-  # is exactly the optimizer's and the gradient after clipping can be measured.
-  clip = None if max_grad_norm is None else optax.clip_by_global_norm(max_grad_norm)
+  return _Config(
+    model, loss_fn, optimizer, truncations, ScanOptions(unroll, remat), max_grad_norm,
+    bool(step_rngs), bool(skip_nonfinite), artbp, max_length,
+  )  # fmt: skip
 
-  def start_of_sequence(x_t: Any) -> tuple[Carry, Lookback]:
-    carry = model.initial_carry(x_t)
-    return carry, empty_lookback(carry, x_t, k2)
 
-  def with_rngs(rng: jax.Array, inputs: Any) -> tuple[jax.Array, Any]:
-    """`(rng, inputs)` or, with `step_rngs`, the next rng and `(inputs, rngs)`."""
-    if not step_rngs:
-      return rng, inputs
-    batch, time = jax.tree.leaves(inputs)[0].shape[:2]
-    rng, draw = jax.random.split(rng)
-    rngs = jax.random.split(draw, (batch, time))
-    if jax.dtypes.issubdtype(rngs.dtype, jax.dtypes.prng_key):
-      rngs = jax.random.key_data(rngs)
-    return rng, (inputs, rngs)
+def _with_rngs(config: _Config, rng: jax.Array, inputs: Any) -> tuple[jax.Array, Any]:
+  """`(rng, inputs)` or, with `step_rngs`, the next rng and `(inputs, rngs)`."""
+  if not config.step_rngs:
+    return rng, inputs
+  batch, time = jax.tree.leaves(inputs)[0].shape[:2]
+  rng, draw = jax.random.split(rng)
+  rngs = jax.random.split(draw, (batch, time))
+  if jax.dtypes.issubdtype(rngs.dtype, jax.dtypes.prng_key):
+    rngs = jax.random.key_data(rngs)
+  return rng, (inputs, rngs)
 
-  def init(rng: jax.Array, inputs: Any) -> TrainState:
-    _checks.batch_time("init", "inputs", inputs)
-    inputs = jax.tree.map(lambda a: jnp.asarray(a)[:, :1], inputs)
-    rng, inputs = with_rngs(rng, inputs)
-    x_t = jax.tree.map(lambda a: a[:, 0], inputs)
-    rng_params, rng = jax.random.split(rng)
-    params = model.init(rng_params, x_t)
-    carry, lookback = start_of_sequence(x_t)
-    state = TrainState(
-      params=params,
-      opt_state=optimizer.init(params),
-      carry=carry,
-      lookback=lookback,
-      step=jnp.zeros((), jnp.int32),
-      rng=rng,
-      k2=jnp.asarray(k2s[0], jnp.int32),
+
+def _start(config: _Config, x_t: Any) -> StreamState:
+  """Every stream at the start of a sequence: the initial carry, an empty lookback."""
+  return start_of_sequence(config.model.initial_carry(x_t), x_t, config.lookback_k2)
+
+
+def _init(config: _Config, rng: jax.Array, inputs: Any) -> TrainState:
+  _checks.batch_time("init", "inputs", inputs)
+  inputs = jax.tree.map(lambda a: jnp.asarray(a)[:, :1], inputs)
+  rng, inputs = _with_rngs(config, rng, inputs)
+  x_t = jax.tree.map(lambda a: a[:, 0], inputs)
+  rng_params, rng = jax.random.split(rng)
+  params = config.model.init(rng_params, x_t)
+  streams = _start(config, x_t)
+  state = TrainState(
+    params=params,
+    opt_state=config.optimizer.init(params),
+    carry=streams.carry,
+    lookback=streams.lookback,
+    step=jnp.zeros((), jnp.int32),
+    rng=rng,
+    k2=jnp.asarray(config.truncations[0].k2, jnp.int32),
+  )
+  # `update` donates every buffer of the state: none may be shared with the
+  # caller's arrays or appear twice (e.g. an initial carry of (h, h)).
+  return jax.tree.map(jnp.copy, state)
+
+
+def _update(config: _Config, state: TrainState, inputs: Any, targets: Any, resets: Any = None):
+  """`Trainer.update`, before `jax.jit`: the call's blocks, one optimizer update each."""
+  batch, time = _checks.batch_time("update", "inputs", inputs)
+  _checks.same_batch_time("update", "targets", targets, batch, time)
+  if resets is not None:
+    _checks.resets("update", resets, batch, time)
+  rng, inputs = _with_rngs(config, state.rng, inputs)
+  state = state._replace(rng=rng)
+  _checks.like_steps("update", "inputs", inputs, state.lookback.inputs)
+  xs, ys, resets = time_major((inputs, targets, resets))
+  reset_carry = config.model.initial_carry(jax.tree.map(lambda a: a[0], xs))
+  one_update = functools.partial(_one_update, config, reset_carry)
+  return scan_blocks(one_update, state, (xs, ys, resets), config.k1)
+
+
+def _one_update(config: _Config, reset_carry: Carry, state: TrainState, block: Any):
+  """One TBPTT update: the block's gradient, clipped, then the optimizer's step."""
+  block = Block(*block)
+  out, index = _gradients(config, reset_carry, state, block)
+  grads = out.grads
+  grad_norm = optax.tree.norm(grads)
+  if config.max_grad_norm is not None:
+    # Clipping runs before the optimizer but outside its state, so `opt_state`
+    # is exactly the optimizer's and the gradient after clipping can be measured.
+    clip = optax.clip_by_global_norm(config.max_grad_norm)
+    grads, _ = clip.update(grads, clip.init(state.params))
+  updates, opt_state = config.optimizer.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  # A NaN or inf anywhere makes the norm non-finite: no second pass over the gradient.
+  finite = jnp.isfinite(grad_norm)
+  if config.skip_nonfinite:
+    # A NaN or inf gradient never reaches the parameters: the update is skipped
+    # (params, optimizer state and step unchanged); the streams still move on.
+    params, opt_state = jax.tree.map(
+      lambda new, old: jnp.where(finite, new, old),
+      (params, opt_state),
+      (state.params, state.opt_state),
     )
-    # `update` donates every buffer of the state: none may be shared with the
-    # caller's arrays or appear twice (e.g. an initial carry of (h, h)).
-    return jax.tree.map(jnp.copy, state)
+  state = state._replace(
+    params=params,
+    opt_state=opt_state,
+    carry=out.carry,
+    lookback=out.lookback,
+    step=state.step + (finite if config.skip_nonfinite else 1),
+  )
+  clipped = config.max_grad_norm is not None
+  metrics = UpdateMetrics(
+    loss=out.loss,
+    grad_norm=grad_norm,
+    clipped_grad_norm=optax.tree.norm(grads) if clipped else grad_norm,
+    clipped=grad_norm > config.max_grad_norm if clipped else jnp.asarray(False),
+    nonfinite=~finite,
+    k2=jnp.asarray([t.k2 for t in config.truncations], jnp.int32)[index],
+  )
+  return state, metrics
 
-  def update(state: TrainState, inputs: Any, targets: Any, resets: Any = None):
-    batch, time = _checks.batch_time("update", "inputs", inputs)
-    _checks.same_batch_time("update", "targets", targets, batch, time)
-    if resets is not None:
-      _checks.resets("update", resets, batch, time)
-    rng, inputs = with_rngs(state.rng, inputs)
-    state = state._replace(rng=rng)
-    _checks.like_steps("update", "inputs", inputs, state.lookback.inputs)
-    xs, ys, resets = time_major((inputs, targets, resets))
-    reset_carry = model.initial_carry(jax.tree.map(lambda a: a[0], xs))
 
-    def one_update(state: TrainState, block):
-      x, y, r = block
+def _gradients(config: _Config, reset_carry: Carry, state: TrainState, block: Block):
+  """The block's `BlockResult` under the update's k2, and that k2's index in the set."""
+  streams = StreamState(state.carry, state.lookback)
+  gradients = functools.partial(
+    block_gradients, config.model, config.loss_fn, reset_carry=reset_carry, options=config.options
+  )
+  if len(config.truncations) == 1:
+    return gradients(config.truncations[0], state.params, streams, block), 0
+  index = _k2_index(config, state, block)
+  # One compiled backward pass per k2; only the chosen one runs.
+  branches = [functools.partial(_branch, gradients, t) for t in config.truncations]
+  return jax.lax.switch(index, branches, (state.params, streams, block)), index
 
-      def gradients(k2: int, operands):
-        params, carry, lookback, x, y, r = operands
-        return block_gradients(
-          model.apply,
-          loss_fn,
-          params,
-          carry,
-          lookback,
-          x,
-          y,
-          r,
-          style=style,
-          reset_carry=reset_carry,
-          unroll=unroll,
-          head_fn=model.head,
-          remat=remat,
-          k2=k2,
-          where="update",
-          embed_fn=model.embed,
-          scan_fn=model.scan,
-        )
 
-      operands = (state.params, state.carry, state.lookback, x, y, r)
-      if len(k2s) == 1:
-        index = 0
-        out = gradients(k2, operands)
-      else:
-        if artbp is None:
-          index = jnp.searchsorted(jnp.asarray(k2s), state.k2)
-        else:
-          # The block's losses reach back to each stream's last cut, `since` steps before
-          # the block (none when the block's first step is cut for certain: since = 0 or
-          # max_length); the shortest window that holds them all gives the same gradient.
-          since = state.carry.since
-          back = jnp.max(jnp.where(since < max_length, since, 0))
-          index = jnp.searchsorted(jnp.asarray(k2s), jax.tree.leaves(x)[0].shape[0] + back)
-        # One compiled backward pass per k2; only the chosen one runs.
-        branches = [functools.partial(gradients, k) for k in k2s]
-        out = jax.lax.switch(index, branches, operands)
-      grads = out.grads
-      grad_norm = optax.tree.norm(grads)
-      if clip is not None:
-        grads, _ = clip.update(grads, clip.init(state.params))
-      updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-      params = optax.apply_updates(state.params, updates)
-      # A NaN or inf anywhere makes the norm non-finite: no second pass over the gradient.
-      finite = jnp.isfinite(grad_norm)
-      if skip_nonfinite:
-        # A NaN or inf gradient never reaches the parameters: the update is skipped
-        # (params, optimizer state and step unchanged); the streams still move on.
-        params, opt_state = jax.tree.map(
-          lambda new, old: jnp.where(finite, new, old),
-          (params, opt_state),
-          (state.params, state.opt_state),
-        )
-      state = state._replace(
-        params=params,
-        opt_state=opt_state,
-        carry=out.carry,
-        lookback=out.lookback,
-        step=state.step + (finite if skip_nonfinite else 1),
-      )
-      metrics = UpdateMetrics(
-        loss=out.loss,
-        grad_norm=grad_norm,
-        clipped_grad_norm=grad_norm if clip is None else optax.tree.norm(grads),
-        clipped=jnp.asarray(False) if clip is None else grad_norm > max_grad_norm,
-        nonfinite=~finite,
-        k2=jnp.asarray(k2s, jnp.int32)[index],
-      )
-      return state, metrics
+def _branch(gradients, truncation: Truncation, operands) -> BlockResult:
+  return gradients(truncation, *operands)
 
-    return scan_blocks(one_update, state, (xs, ys, resets), k1)
 
-  def reset(state: TrainState) -> TrainState:
-    # The lookback's inputs have the shape of one step of every stream.
-    x_t = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), state.lookback.inputs)
-    carry, lookback = start_of_sequence(x_t)
-    return state._replace(**jax.tree.map(jnp.copy, dict(carry=carry, lookback=lookback)))
+def _k2_index(config: _Config, state: TrainState, block: Block) -> jax.Array:
+  """Which of the compiled k2s this update runs."""
+  k2s = jnp.asarray([t.k2 for t in config.truncations])
+  if config.artbp is None:
+    return jnp.searchsorted(k2s, state.k2)
+  # The block's losses reach back to each stream's last cut, `since` steps before the
+  # block (none when the block's first step is cut for certain: since = 0 or max_length);
+  # the shortest window that holds them all gives the same gradient.
+  since = state.carry.since
+  back = jnp.max(jnp.where(since < config.max_length, since, 0))
+  return jnp.searchsorted(k2s, jax.tree.leaves(block.inputs)[0].shape[0] + back)
 
-  def set_k2(state: TrainState, k2: int) -> TrainState:
-    if artbp is not None and len(k2s) > 1:
-      raise ValueError("set_k2: with artbp and a set of k2s, each update picks its own window")
-    if isinstance(k2, bool) or not isinstance(k2, (int, np.integer)) or k2 not in k2s:
-      raise ValueError(f"set_k2: k2 must be one of the trainer's k2s {k2s}, got {k2!r}")
-    return state._replace(k2=jnp.asarray(k2, jnp.int32))
 
-  if mesh is not None:  # the same update, its streams split over the mesh's devices
-    init, jitted, reset = sharding.data_parallel(mesh, init, update, reset)
-  else:
-    jitted = jax.jit(update, donate_argnums=0)
-  return Trainer(init=init, update=jitted, reset=reset, set_k2=set_k2, k2s=k2s)
+def _reset(config: _Config, state: TrainState) -> TrainState:
+  # The lookback's inputs have the shape of one step of every stream.
+  x_t = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), state.lookback.inputs)
+  streams = jax.tree.map(jnp.copy, _start(config, x_t))
+  return state._replace(carry=streams.carry, lookback=streams.lookback)
+
+
+def _set_k2(config: _Config, state: TrainState, k2: int) -> TrainState:
+  k2s = tuple(t.k2 for t in config.truncations)
+  if config.artbp is not None and len(k2s) > 1:
+    raise ValueError("set_k2: with artbp and a set of k2s, each update picks its own window")
+  if isinstance(k2, bool) or not isinstance(k2, (int, np.integer)) or k2 not in k2s:
+    raise ValueError(f"set_k2: k2 must be one of the trainer's k2s {k2s}, got {k2!r}")
+  return state._replace(k2=jnp.asarray(k2, jnp.int32))

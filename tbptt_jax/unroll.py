@@ -13,13 +13,14 @@ the engine needs:
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from tbptt_jax import _checks
-from tbptt_jax.cells import Carry, Params, ScanFn, StepFn
+from tbptt_jax.cells import Carry, Cell, Params, StepFn
 
 
 class Unrolled(NamedTuple):
@@ -62,7 +63,7 @@ def masked_step(
 
 
 def scan_steps(
-  step_fn: StepFn,
+  cell: Cell | StepFn,
   params: Params,
   carry: Carry,
   inputs: Any,
@@ -71,15 +72,20 @@ def scan_steps(
   mask: jax.Array | None = None,
   reset_carry: Carry | None = None,
   unroll: int | bool = 1,
+  remat: int | None = None,
   keep_outputs: bool = True,
   keep_carries: bool = False,
-  remat: int | None = None,
-  scan_fn: ScanFn | None = None,
 ) -> Unrolled:
-  """Runs `step_fn` over the leading (time) axis of `inputs`: the time-major core.
+  """Runs a cell's `apply` over the leading (time) axis of `inputs`: the time-major core.
+
+  The cell's `embed` and `head` are not applied: `inputs` are what `apply`
+  takes (embedded already, if the cell has an `embed`), and `outputs` are
+  `apply`'s y_t. A run without resets, mask or remat uses the cell's own
+  `scan` if it has one (the same function, with its own backward pass).
 
   Args:
-    step_fn: `step_fn(params, carry, x_t) -> (carry, y_t)`.
+    cell: a `Cell`, or a bare step function `step_fn(params, carry, x_t) ->
+      (carry, y_t)`.
     params: the cell's parameters.
     carry: the initial carry, leaves `[batch, ...]`.
     inputs: leaves `[time, batch, ...]`.
@@ -87,9 +93,6 @@ def scan_steps(
     mask: optional `[time]` or `[time, batch]` bool, see the module docstring.
     reset_carry: the carry a reset restores; default zeros shaped like `carry`.
     unroll: passed to `jax.lax.scan`.
-    keep_outputs: stack and return y_t (else `outputs` is None, and XLA drops
-      whatever only fed them).
-    keep_carries: stack and return the carry after every step.
     remat: if set, a segment length s: the steps run in segments of s, each a
       `jax.checkpoint`-ed scan, so that differentiating the run stores only
       the carry entering each segment (and the outputs asked for) and re-runs
@@ -98,32 +101,42 @@ def scan_steps(
       intermediates, for one more forward pass (Gruslys et al., "Memory-
       Efficient Backpropagation Through Time", NeurIPS 2016; s ~ sqrt(T) is
       the classic choice). The values and gradients are the same.
-    scan_fn: optional `scan_fn(params, carry, inputs, unroll) -> (carry,
-      outputs, carries)`, the same function as scanning `step_fn` (a `Cell`'s
-      `scan`); used when there are no resets, no mask and no remat.
+    keep_outputs: stack and return y_t (else `outputs` is None, and XLA drops
+      whatever only fed them).
+    keep_carries: stack and return the carry after every step.
 
   Returns:
     `Unrolled(carry, outputs, carries)`.
   """
+  step_fn, scan_fn = (cell.apply, cell.scan) if isinstance(cell, Cell) else (cell, None)
   if resets is not None and reset_carry is None:
     reset_carry = jax.tree.map(jnp.zeros_like, carry)
-
-  def body(carry, step):
-    x_t, reset_t, mask_t = step
-    carry, y_t = masked_step(
-      step_fn, params, carry, x_t, reset_t=reset_t, mask_t=mask_t, reset_carry=reset_carry
-    )
-    return carry, (y_t if keep_outputs else None, carry if keep_carries else None)
-
   time = jax.tree.leaves(inputs)[0].shape[0]
   one_segment = remat is None or remat >= time
   if scan_fn is not None and resets is None and mask is None and one_segment:
     carry, outputs, carries = scan_fn(params, carry, inputs, unroll)
     return Unrolled(carry, outputs if keep_outputs else None, carries if keep_carries else None)
+  body = functools.partial(
+    _scan_body, step_fn, params, reset_carry, keep_outputs=keep_outputs, keep_carries=keep_carries
+  )
   if one_segment:
     carry, (outputs, carries) = jax.lax.scan(body, carry, (inputs, resets, mask), unroll=unroll)
     return Unrolled(carry, outputs, carries)
+  return _scan_in_segments(body, carry, (inputs, resets, mask), remat, unroll)
 
+
+def _scan_body(step_fn, params, reset_carry, carry, step, *, keep_outputs, keep_carries):
+  x_t, reset_t, mask_t = step
+  carry, y_t = masked_step(
+    step_fn, params, carry, x_t, reset_t=reset_t, mask_t=mask_t, reset_carry=reset_carry
+  )
+  return carry, (y_t if keep_outputs else None, carry if keep_carries else None)
+
+
+def _scan_in_segments(body, carry: Carry, steps: Any, remat: int, unroll: int | bool) -> Unrolled:
+  """`lax.scan` of `body` over `steps = (inputs, resets, mask)` in checkpointed segments."""
+  inputs, resets, mask = steps
+  time = jax.tree.leaves(inputs)[0].shape[0]
   # Segments of `remat` steps; the last one is padded with steps that leave the carry
   # unchanged (mask False) and repeat the last input, so that the cell sees real values.
   n_segments = -(-time // remat)
@@ -197,13 +210,7 @@ def unroll(
   _checks.unroll(where, unroll)
   xs, resets = time_major((inputs, resets))
   result = scan_steps(
-    step_fn,
-    params,
-    carry,
-    xs,
-    resets=resets,
-    reset_carry=reset_carry,
-    unroll=unroll,
+    step_fn, params, carry, xs, resets=resets, reset_carry=reset_carry, unroll=unroll
   )
   return result.carry, batch_major(result.outputs)
 

@@ -12,7 +12,14 @@ import optax
 import pytest
 
 import tbptt_jax
-from tbptt_jax.truncation import Lookback, block_gradients
+from tbptt_jax.truncation import (
+  Block,
+  Lookback,
+  ScanOptions,
+  StreamState,
+  Truncation,
+  block_gradients,
+)
 
 BATCH, TIME, IN, HIDDEN, CLASSES = 2, 7, 3, 4, 3
 loss_fn = optax.softmax_cross_entropy_with_integer_labels
@@ -44,11 +51,37 @@ def problem():
 _compiled = {}
 
 
-def library_gradients(problem, k1, k2, style, resets=None):
-  """`tbptt_gradients` at float64, compiled once per truncation and reused across tests."""
-  key = (k1, k2, style, resets is not None)
+def seed_cell():
+  """The oracle's network as a `Cell`: the Elman recurrence with its own scan, the readout
+  as the head, so the engine takes the path the trainer takes (`cell_gradients`)."""
+
+  def elman(params):
+    return tbptt_jax.ElmanParams(params["U"], params["W"], params["b"])
+
+  cell = tbptt_jax.elman(HIDDEN)
+  return tbptt_jax.Cell(
+    init=None,
+    initial_carry=None,
+    apply=lambda params, s, x_t: cell.apply(elman(params), s, x_t),
+    head=lambda params, s_t: s_t @ params["V"] + params["c"],
+    scan=lambda params, s, xs, unroll: cell.scan(elman(params), s, xs, unroll),
+  )
+
+
+ENTRIES = ["tbptt_gradients", "cell_gradients"]
+
+
+def library_gradients(problem, k1, k2, style, resets=None, entry="tbptt_gradients"):
+  """The engine at float64 through `entry`, compiled once per truncation and reused."""
+  key = (k1, k2, style, resets is not None, entry)
   if key not in _compiled:
-    fn = functools.partial(tbptt_jax.tbptt_gradients, seed_step, loss_fn, k1=k1, k2=k2, style=style)
+    if entry == "tbptt_gradients":
+      fn = functools.partial(
+        tbptt_jax.tbptt_gradients, seed_step, loss_fn, k1=k1, k2=k2, style=style
+      )
+    else:
+      truncation = tbptt_jax.Truncation(k1, k2, style)
+      fn = functools.partial(tbptt_jax.cell_gradients, seed_cell(), loss_fn, truncation)
     with jax.enable_x64(True):
       grads, carry = jax.jit(fn)(
         problem["params"], problem["s0"], problem["x"], problem["y"], resets=resets
@@ -61,11 +94,12 @@ WINDOW = [(1, 1), (1, 4), (2, 2), (2, 3), (3, 3), (3, 5), (4, 4), (7, 7), (2, 9)
 PER_LOSS = [(1, 1), (1, 4), (2, 2), (2, 3), (3, 3), (3, 2), (5, 1), (4, 9), (7, 7)]
 
 
+@pytest.mark.parametrize("entry", ENTRIES)
 @pytest.mark.parametrize(
   "style,k1,k2", [("window", *k) for k in WINDOW] + [("per_loss", *k) for k in PER_LOSS]
 )
-def test_matches_numpy_oracle(problem, style, k1, k2):
-  grads, carry = library_gradients(problem, k1, k2, style)
+def test_matches_numpy_oracle(problem, style, k1, k2, entry):
+  grads, carry = library_gradients(problem, k1, k2, style, entry=entry)
   want, want_carry = numpy_oracle.tbptt_gradients(
     problem["params"], problem["s0"], problem["x"], problem["y"], k1, k2, style
   )
@@ -76,10 +110,11 @@ def test_matches_numpy_oracle(problem, style, k1, k2):
   np.testing.assert_allclose(carry, want_carry, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("entry", ENTRIES)
 @pytest.mark.parametrize("style,k1,k2", [("window", 2, 4), ("per_loss", 3, 2)])
-def test_matches_numpy_oracle_with_resets(problem, style, k1, k2):
+def test_matches_numpy_oracle_with_resets(problem, style, k1, k2, entry):
   assert problem["resets"].any()
-  grads, carry = library_gradients(problem, k1, k2, style, resets=problem["resets"])
+  grads, carry = library_gradients(problem, k1, k2, style, resets=problem["resets"], entry=entry)
   want, want_carry = numpy_oracle.tbptt_gradients(
     problem["params"],
     problem["s0"],
@@ -95,10 +130,11 @@ def test_matches_numpy_oracle_with_resets(problem, style, k1, k2):
   np.testing.assert_allclose(carry, want_carry, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("entry", ENTRIES)
 @pytest.mark.parametrize("style,k1,k2", [("window", 2, 3), ("per_loss", 3, 2)])
-def test_finite_differences(problem, style, k1, k2):
+def test_finite_differences(problem, style, k1, k2, entry):
   """Each update's gradient is the derivative of its truncated objective."""
-  grads, _ = library_gradients(problem, k1, k2, style)
+  grads, _ = library_gradients(problem, k1, k2, style, entry=entry)
   params, s0, x, y = (problem[k] for k in ("params", "s0", "x", "y"))
   _, frozen = numpy_oracle.forward(params, s0, x)
   rng = np.random.default_rng(1)
@@ -269,15 +305,14 @@ def test_zero_gradient_across_every_cut(problem, style, k2):
 
   def block_loss(carry, states, xs):
     return block_gradients(
-      seed_step,
+      tbptt_jax.from_step(seed_step),
       loss_fn,
+      Truncation(1, k2, style),
       problem["params"],
-      carry,
-      lookback._replace(states=states),
-      xs,
-      ys,
-      None,
-      style=style,
+      StreamState(carry, lookback._replace(states=states)),
+      Block(xs, ys, None),
+      jnp.zeros_like(carry),
+      ScanOptions(),
     ).loss
 
   with jax.enable_x64(True):
@@ -288,6 +323,69 @@ def test_zero_gradient_across_every_cut(problem, style, k2):
   assert np.all(np.asarray(d_states) == 0.0)
   # Control: the loss does depend on the block's inputs.
   assert np.abs(np.asarray(d_inputs)).max() > 1e-3
+
+
+@pytest.mark.parametrize("style,k1,k2,first", [("window", 3, 3, 3), ("per_loss", 3, 2, 2)])
+def test_cell_gradients_of_an_update_stop_at_its_cut(problem, style, k1, k2, first):
+  """Through the public entry point: the second update's gradient does not depend on any
+  input behind its windows' cuts (exactly zero), and does on the inputs inside them (its
+  earliest reachable step, 0-based: `first`, 2 k1 - k2 in window style, k1 - k2 + 1 per loss)."""
+  truncation = tbptt_jax.Truncation(k1, k2, style)
+  cell = tbptt_jax.from_step(seed_step)
+
+  def second_update_gradient(x):
+    grads, _ = tbptt_jax.cell_gradients(
+      cell, loss_fn, truncation, problem["params"], problem["s0"], x, problem["y"][:, : 2 * k1]
+    )
+    return sum(jnp.sum(g[1]) for g in jax.tree.leaves(grads))
+
+  with jax.enable_x64(True):
+    d_x = np.asarray(jax.grad(second_update_gradient)(problem["x"][:, : 2 * k1]))
+  assert np.all(d_x[:, :first] == 0.0)
+  assert np.all(np.abs(d_x[:, first:]).max(axis=(0, 2)) > 1e-6)
+
+
+def test_cell_gradients_compiles_once(problem):
+  """The jitted entry point is traced once for many calls of the same shapes."""
+  cell, truncation = tbptt_jax.from_step(seed_step), tbptt_jax.Truncation(2, 3)
+
+  @jax.jit
+  @chex.assert_max_traces(n=1)
+  def gradients(params, carry, inputs, targets):
+    return tbptt_jax.cell_gradients(cell, loss_fn, truncation, params, carry, inputs, targets)
+
+  for seed in range(3):
+    x = np.random.default_rng(seed).standard_normal(problem["x"].shape).astype(np.float32)
+    gradients(problem["params"], problem["s0"].astype(np.float32), x, problem["y"])
+
+
+@pytest.mark.parametrize(
+  "args,message",
+  [
+    ((0, 2), r"Truncation: k1 must be an integer >= 1, got 0"),
+    ((2, 0), r"Truncation: k2 must be an integer >= 1, got 0"),
+    ((3, 2), r"Truncation: window style needs k2 >= k1.*got k1=3, k2=2"),
+    ((2, 3, "tf"), r"Truncation: style must be one of \('window', 'per_loss'\), got 'tf'"),
+  ],
+)
+def test_a_truncation_is_checked_where_it_is_made(args, message):
+  with pytest.raises(ValueError, match=message):
+    tbptt_jax.Truncation(*args)
+  with pytest.raises(ValueError, match=message):
+    tbptt_jax.Truncation(4, 5)._replace(**dict(zip(("k1", "k2", "style"), args, strict=False)))
+  assert tbptt_jax.Truncation(3) == (3, 3, "window")  # k2 defaults to k1
+
+
+def test_cell_gradients_bad_input(problem):
+  args = (problem["params"], problem["s0"], problem["x"], problem["y"])
+  with pytest.raises(ValueError, match=r"cell_gradients: cell must be a tbptt_jax.Cell"):
+    tbptt_jax.cell_gradients(seed_step, loss_fn, tbptt_jax.Truncation(2), *args)
+  with pytest.raises(ValueError, match=r"cell_gradients: truncation must be a .*Truncation"):
+    tbptt_jax.cell_gradients(tbptt_jax.from_step(seed_step), loss_fn, (2, 2, "window"), *args)
+  with pytest.raises(ValueError, match=r"cell_gradients: targets must have \[batch, time\]"):
+    tbptt_jax.cell_gradients(
+      tbptt_jax.from_step(seed_step), loss_fn, tbptt_jax.Truncation(2), *args[:3], args[3][:1]
+    )
 
 
 def test_pytree_inputs(problem):

@@ -206,7 +206,7 @@ def test_bad_input_raises_naming_the_argument(name):
 
 
 def test_a_cells_own_scan_runs_where_there_are_no_resets_padding_or_remat():
-  """`scan_steps` hands a run to `scan_fn` only when it is a plain scan of the step."""
+  """`scan_steps` hands a run to the cell's `scan` only when it is a plain scan of the step."""
   cell = tbptt_jax.elman(3)
   xs = jnp.ones((4, 2, 2))
   params, carry = cell.init(jax.random.key(0), xs[0]), cell.initial_carry(xs[0])
@@ -218,7 +218,7 @@ def test_a_cells_own_scan_runs_where_there_are_no_resets_padding_or_remat():
 
   def run(**kwargs):
     calls.clear()
-    out = scan_steps(cell.apply, params, carry, xs, keep_carries=True, scan_fn=spy, **kwargs)
+    out = scan_steps(cell._replace(scan=spy), params, carry, xs, keep_carries=True, **kwargs)
     return len(calls), out
 
   used, out = run()
