@@ -20,7 +20,7 @@ lags, that is sum_{k<K} (A^k b)_0; chunked TBPTT(K, K) backpropagates the loss a
 position j of a block through j steps, so its update sees the mean over j = 1..K. SGD
 then moves e at the rate 6 lr e times that sensitivity: it converges where the
 sensitivity is negative and diverges where it is positive. The script checks the
-chunked figure against the library (`tbptt_gradients` at the fixed point).
+chunked figure against the library (`cell_gradients` at the fixed point).
 
 It measures, too, that ARTBP's gradient is unbiased: its mean over 100,000 steps at a
 fixed theta (with an "optimizer" that only sums the gradients), against full BPTT's -6 e.
@@ -126,7 +126,7 @@ def lag_sensitivities(lags: int) -> np.ndarray:
 def library_chunk_sensitivity(k: int, blocks: int = 4) -> float:
   """The chunked TBPTT(k, k) gradient at the fixed point of theta = 1, divided by e = s_0 - 1.
 
-  From the library's `tbptt_gradients`, float32, so it checks the NumPy figure against
+  From the library's `cell_gradients`, float32, so it checks the NumPy figure against
   what the trainer computes.
   """
   a, b = recurrence()
@@ -136,7 +136,7 @@ def library_chunk_sensitivity(k: int, blocks: int = 4) -> float:
   params = {"theta": jnp.asarray(theta, jnp.float32)}
   carry = jnp.asarray(fixed_point[None], jnp.float32)
   x, y = np.zeros((1, blocks * k, 1), np.float32), np.ones((1, blocks * k), np.float32)
-  grads, _ = tj.tbptt_gradients(cell.apply, half_squared_error, params, carry, x, y, k1=k, k2=k)
+  grads, _ = tj.cell_gradients(cell, half_squared_error, tj.Truncation(k), params, carry, x, y)
   return float(np.mean(grads["theta"])) / (fixed_point[0] - 1.0)
 
 

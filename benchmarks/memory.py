@@ -111,23 +111,14 @@ def segment_length(time_steps: int) -> int:
 
 
 def full_gradients(model, params, carry, inputs, targets):
-  """The gradient of the mean loss over all T steps: `tbptt_gradients(k1=T, k2=T)`."""
+  """The gradient of the mean loss over all T steps: `cell_gradients` of `Truncation(T, T)`."""
   import jax
 
   import tbptt_jax as tj
 
   time_steps = inputs.shape[1]
-  grads, _ = tj.tbptt_gradients(
-    model.apply,
-    _loss_fn,
-    params,
-    carry,
-    inputs,
-    targets,
-    k1=time_steps,
-    k2=time_steps,
-    head_fn=model.head,
-  )
+  truncation = tj.Truncation(time_steps, time_steps)
+  grads, _ = tj.cell_gradients(model, _loss_fn, truncation, params, carry, inputs, targets)
   return jax.tree.map(lambda g: g[0], grads)  # the one update's gradient
 
 
@@ -151,7 +142,7 @@ def remat_gradients(model, params, carry, inputs, targets, segment: int):
 
   @functools.partial(jax.checkpoint, prevent_cse=False)  # inside a scan, CSE cannot hurt
   def segment_loss(params, carry, x, y):
-    run = scan_steps(model.apply, params, carry, x)
+    run = scan_steps(model, params, carry, x)
     logits = map_steps(model.head, params, run.outputs)
     return run.carry, jnp.sum(jax.vmap(_loss_fn)(logits, y))
 

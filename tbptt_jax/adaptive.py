@@ -39,6 +39,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -118,27 +119,45 @@ def adaptive_k2(
     )
   if streams is not None:
     streams = _checks.positive_int(where, "streams", streams)
+  settings = _Settings(model, loss_fn, k2s, delta, max_lag, fit_from, streams, loss_chunk)
+  return functools.partial(_choose, settings)
 
-  def choose(params: Params, inputs: Any, targets: Any, carry: Carry | None = None) -> K2Choice:
-    if streams is not None:
-      inputs, targets = jax.tree.map(lambda a: a[:streams], (inputs, targets))
-      carry = None if carry is None else jax.tree.map(lambda a: a[:streams], carry)
-    profile = diagnostics.lag_profile(
-      model,
-      loss_fn,
-      params,
-      inputs,
-      targets,
-      max_lag=max_lag,
-      carry=carry,
-      loss_chunk=loss_chunk,
-      parameters=False,  # the state norms are all the choice needs
-    )
-    norms = np.asarray(profile.state_norms, np.float64)
-    beta = diagnostics.decay_rate(norms, min_lag=fit_from)
-    suggested = diagnostics.suggest_k2(beta, delta, k_min=k2s[0], k_max=k2s[-1])
-    k2 = next(k for k in k2s if k >= suggested)
-    bias = float(diagnostics.estimated_bias(beta, k2))
-    return K2Choice(k2=k2, suggested=suggested, beta=beta, bias=bias, norms=norms)
 
-  return choose
+class _Settings(NamedTuple):
+  """`adaptive_k2`'s arguments, checked."""
+
+  model: Cell
+  loss_fn: LossFn
+  k2s: tuple[int, ...]
+  delta: float
+  max_lag: int
+  fit_from: int
+  streams: int | None
+  loss_chunk: int | None
+
+
+def _choose(
+  settings: _Settings, params: Params, inputs: Any, targets: Any, carry: Carry | None = None
+) -> K2Choice:
+  """One decision: measure the per-lag norms, fit beta, pick the k2."""
+  if settings.streams is not None:
+    inputs, targets = jax.tree.map(lambda a: a[: settings.streams], (inputs, targets))
+    carry = None if carry is None else jax.tree.map(lambda a: a[: settings.streams], carry)
+  profile = diagnostics.lag_profile(
+    settings.model,
+    settings.loss_fn,
+    params,
+    inputs,
+    targets,
+    max_lag=settings.max_lag,
+    carry=carry,
+    loss_chunk=settings.loss_chunk,
+    parameters=False,  # the state norms are all the choice needs
+  )
+  norms = np.asarray(profile.state_norms, np.float64)
+  beta = diagnostics.decay_rate(norms, min_lag=settings.fit_from)
+  k2s = settings.k2s
+  suggested = diagnostics.suggest_k2(beta, settings.delta, k_min=k2s[0], k_max=k2s[-1])
+  k2 = next(k for k in k2s if k >= suggested)
+  bias = float(diagnostics.estimated_bias(beta, k2))
+  return K2Choice(k2=k2, suggested=suggested, beta=beta, bias=bias, norms=norms)

@@ -46,6 +46,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -142,54 +143,70 @@ def artbp_cell(model: Cell, config: ARTBP, *, max_length: int, step_rngs: bool =
   where = "artbp_cell"
   config = check(where, config)
   max_length = _checks.positive_int(where, "max_length", max_length)
-
-  def split(inputs: Any) -> tuple[Any, jax.Array]:
-    """The model's input and the cut draw u_t ~ U[0, 1) of every stream."""
-    x, rng = inputs
-    keys = jax.random.wrap_key_data(rng)
-    u = jax.vmap(jax.random.uniform)(keys)
-    if step_rngs:
-      x = (x, jax.random.key_data(jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, 1)))
-    return x, u
-
-  def model_input(inputs: Any) -> Any:
-    """The model's share of `(x_t, rng_t)`, for shapes only (init, initial carry)."""
-    return inputs if step_rngs else inputs[0]
-
-  def init(rng: jax.Array, inputs: Any) -> Params:
-    return model.init(rng, model_input(inputs))
-
-  def initial_carry(inputs: Any) -> ARTBPCarry:
-    batch = inputs[1].shape[0]
-    return ARTBPCarry(model.initial_carry(model_input(inputs)), jnp.zeros((batch,), jnp.int32))
-
-  def apply(params: Params, carry: ARTBPCarry, inputs: Any) -> tuple[ARTBPCarry, Any]:
-    x, u = split(inputs)
-    c = cut_probability(config, carry.since, max_length)
-    cut = u < c  # always when c = 1; u < 1 always
-    keep = jnp.where(cut, 1.0, 1.0 - c)  # never 0: the scale stays finite where it is unused
-    scale = jnp.where(cut, 0.0, 1.0 / keep)
-
-    def reweight(s: jax.Array) -> jax.Array:
-      mask = cut.reshape(cut.shape + (1,) * (s.ndim - 1))
-      # ARTBP's truncation: a cut step's incoming state is a constant, so no
-      # gradient reaches behind it; a kept one passes 1 / (1 - c_t) times its gradient.
-      return jnp.where(mask, jax.lax.stop_gradient(s), _scale_gradient(s, scale))
-
-    s_in = jax.tree.map(reweight, carry.carry)
-    if model.embed is not None:  # the model's input arrives embedded, the draws beside it
-      x = inputs[0]
-    s_out, y = model.apply(params, s_in, x)
-    since = jnp.where(cut, 1, carry.since + 1)
-    return ARTBPCarry(s_out, since), y
-
-  def embed(params: Params, inputs: Any) -> Any:
-    return model.embed(params, split(inputs)[0]), inputs[1]
-
+  settings = _Settings(model, config, max_length, bool(step_rngs))
   return Cell(
-    init=init,
-    initial_carry=initial_carry,
-    apply=apply,
+    init=functools.partial(_init, settings),
+    initial_carry=functools.partial(_initial_carry, settings),
+    apply=functools.partial(_apply, settings),
     head=model.head,
-    embed=None if model.embed is None else embed,
+    embed=None if model.embed is None else functools.partial(_embed, settings),
   )
+
+
+class _Settings(NamedTuple):
+  """What an `artbp_cell` closes over."""
+
+  model: Cell  # the wrapped cell
+  config: ARTBP
+  max_length: int  # the longest segment
+  step_rngs: bool  # the model itself takes (x_t, rng_t)
+
+
+def _split(settings: _Settings, inputs: Any) -> tuple[Any, jax.Array]:
+  """The model's input and the cut draw u_t ~ U[0, 1) of every stream."""
+  x, rng = inputs
+  keys = jax.random.wrap_key_data(rng)
+  u = jax.vmap(jax.random.uniform)(keys)
+  if settings.step_rngs:
+    x = (x, jax.random.key_data(jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, 1)))
+  return x, u
+
+
+def _model_input(settings: _Settings, inputs: Any) -> Any:
+  """The model's share of `(x_t, rng_t)`, for shapes only (init, initial carry)."""
+  return inputs if settings.step_rngs else inputs[0]
+
+
+def _init(settings: _Settings, rng: jax.Array, inputs: Any) -> Params:
+  return settings.model.init(rng, _model_input(settings, inputs))
+
+
+def _initial_carry(settings: _Settings, inputs: Any) -> ARTBPCarry:
+  batch = inputs[1].shape[0]
+  model_carry = settings.model.initial_carry(_model_input(settings, inputs))
+  return ARTBPCarry(model_carry, jnp.zeros((batch,), jnp.int32))
+
+
+def _apply(settings: _Settings, params: Params, carry: ARTBPCarry, inputs: Any):
+  x, u = _split(settings, inputs)
+  c = cut_probability(settings.config, carry.since, settings.max_length)
+  cut = u < c  # always when c = 1; u < 1 always
+  keep = jnp.where(cut, 1.0, 1.0 - c)  # never 0: the scale stays finite where it is unused
+  scale = jnp.where(cut, 0.0, 1.0 / keep)
+
+  def reweight(s: jax.Array) -> jax.Array:
+    mask = cut.reshape(cut.shape + (1,) * (s.ndim - 1))
+    # ARTBP's truncation: a cut step's incoming state is a constant, so no
+    # gradient reaches behind it; a kept one passes 1 / (1 - c_t) times its gradient.
+    return jnp.where(mask, jax.lax.stop_gradient(s), _scale_gradient(s, scale))
+
+  s_in = jax.tree.map(reweight, carry.carry)
+  if settings.model.embed is not None:  # the model's input arrives embedded, the draws beside it
+    x = inputs[0]
+  s_out, y = settings.model.apply(params, s_in, x)
+  since = jnp.where(cut, 1, carry.since + 1)
+  return ARTBPCarry(s_out, since), y
+
+
+def _embed(settings: _Settings, params: Params, inputs: Any) -> Any:
+  return settings.model.embed(params, _split(settings, inputs)[0]), inputs[1]

@@ -59,7 +59,7 @@ from jax.flatten_util import ravel_pytree
 
 from tbptt_jax import _checks
 from tbptt_jax.cells import Carry, Cell, Params, full_step, map_steps
-from tbptt_jax.truncation import LossFn, block_sizes, tbptt_gradients
+from tbptt_jax.truncation import LossFn, Truncation, block_sizes, cell_gradients
 from tbptt_jax.unroll import scan_steps, time_major
 
 
@@ -160,86 +160,25 @@ def _lag_profile(
   """`lag_profile`; with_params=False computes the state norms only (param_norms and
   gradient zero), for the losses t >= K only: no parameter cotangents at all."""
   xs, ys = time_major((inputs, targets))
-  time = jax.tree.leaves(xs)[0].shape[0]
-  batch = jax.tree.leaves(xs)[0].shape[1]
-  step = full_step(model)  # the step on raw inputs: the per-step VJPs below take x_tau
-  run = scan_steps(step, params, carry, xs, keep_carries=True)
+  time, batch = jax.tree.leaves(xs)[0].shape[:2]
+  run = scan_steps(full_step(model), params, carry, xs, keep_carries=True)
   # The carry entering step tau: s_{tau - 1}, the initial carry for tau = 0.
   entering = jax.tree.map(lambda c, cs: jnp.concatenate([c[None], cs[:-1]]), carry, run.carries)
-
-  def loss_gradients(t):
-    """d (sum_b l_t^b) / d y_t, per stream, and the head's part of d l_t / d theta."""
-    y_t = _at(run.outputs, t)
-
-    def summed_loss(params, y_t):
-      out_t = map_steps(model.head, params, _at(y_t, None))
-      losses = jax.vmap(loss_fn)(out_t, _at(_at(ys, t), None))
-      _checks.per_example_losses("lag_profile", losses, 1, batch)
-      return jnp.sum(losses)
-
-    if not with_params:
-      return None, jax.grad(summed_loss, argnums=1)(params, y_t)
-    head_grads, dy = jax.grad(summed_loss, argnums=(0, 1))(params, y_t)
-    return jax.tree.map(lambda g: g / batch, head_grads), dy
-
-  def one_loss(t):
-    """Walks the chain rule back from l_t over lags 0..K: norms per lag and sum_k c_{t,k}."""
-    head_grads, dy = loss_gradients(t)
-
-    def lag_step(state, k):
-      ds, grad_sum = state  # ds = d (sum_b l_t^b) / d s_{t-k} (zero at k = 0: l_t reads y_t)
-      tau = t - k
-      exists = tau >= 0
-      tau = jnp.maximum(tau, 0)
-      s_in, x_tau = _at(entering, tau), _at(xs, tau)
-      dy_k = jax.tree.map(lambda a: jnp.where(k == 0, a, jnp.zeros_like(a)), dy)
-      if not with_params:
-        _, state_vjp = jax.vjp(lambda s: step(params, s, x_tau), s_in)
-        (ds_in,) = state_vjp((ds, dy_k))
-        norm = jnp.where(k == 0, _stream_norms(dy), _stream_norms(ds))
-        return (ds_in, grad_sum), (norm, jnp.zeros((), norm.dtype))
-      _, step_vjp = jax.vjp(lambda p, s: step(p, s, x_tau), params, s_in)
-      dparams, ds_in = step_vjp((ds, dy_k))
-      # c_{t,k}: the batch mean's gradient, the head's part at lag 0.
-      c = jax.tree.map(
-        lambda g, h: g / batch + jnp.where(k == 0, h, jnp.zeros_like(h)), dparams, head_grads
-      )
-      state_norm = jnp.where(k == 0, _stream_norms(dy), _stream_norms(ds))
-      param_norm = optax.tree.norm(c)
-      c = jax.tree.map(lambda a: jnp.where(exists, a, jnp.zeros_like(a)), c)
-      grad_sum = jax.tree.map(jnp.add, grad_sum, c)
-      return (ds_in, grad_sum), (state_norm, param_norm)
-
-    ds0 = jax.tree.map(jnp.zeros_like, carry)
-    zeros = jax.tree.map(jnp.zeros_like, params) if with_params else ()
-    (_, grad_sum), per_lag = jax.lax.scan(lag_step, (ds0, zeros), jnp.arange(max_lag + 1))
-    return per_lag, grad_sum
-
+  trajectory = _Trajectory(xs, ys, entering, run.outputs)
+  one_loss = functools.partial(_one_loss, model, loss_fn, max_lag, with_params, params, trajectory)
   # Losses in chunks of `chunk`, the last chunk padded with repeats of step T - 1, masked.
   # Without parameters only the losses that reach back K steps are needed.
   first = 0 if with_params else max_lag
   chunk = min(chunk, time - first)  # no chunk longer than the losses it covers
   n_chunks = -(-(time - first) // chunk)
   ts = first + jnp.arange(n_chunks * chunk).reshape(n_chunks, chunk)
-
-  def chunk_step(totals, ts):
-    real = ts < time
-    (state_norms, param_norms), grad_sums = jax.vmap(one_loss)(jnp.minimum(ts, time - 1))
-    complete = real & (ts >= max_lag)  # the losses whose every lag exists
-    state_sum, param_sum, grad = totals
-    state_sum += jnp.sum(jnp.where(complete[:, None, None], state_norms, 0.0), axis=(0, 2))
-    param_sum += jnp.sum(jnp.where(complete[:, None], param_norms, 0.0), axis=0)
-    grad = jax.tree.map(
-      lambda acc, g: acc + jnp.tensordot(real.astype(g.dtype), g, axes=1), grad, grad_sums
-    )
-    return (state_sum, param_sum, grad), None
-
   dtype = jnp.result_type(*jax.tree.leaves(carry)) if jax.tree.leaves(carry) else jnp.float32
   totals = (
     jnp.zeros((max_lag + 1,), dtype),
     jnp.zeros((max_lag + 1,), dtype),
     jax.tree.map(jnp.zeros_like, params) if with_params else (),
   )
+  chunk_step = functools.partial(_chunk_step, one_loss, time, max_lag)
   (state_sum, param_sum, grad), _ = jax.lax.scan(chunk_step, totals, ts)
   losses = time - max_lag
   return LagProfile(
@@ -248,6 +187,83 @@ def _lag_profile(
     losses=jnp.asarray(losses, jnp.int32),
     gradient=jax.tree.map(lambda g: g / time, grad) if with_params else None,
   )
+
+
+class _Trajectory(NamedTuple):
+  """One forward pass of `lag_profile`, time-major."""
+
+  xs: Any  # leaves [T, batch, ...]: the raw inputs
+  ys: Any  # leaves [T, batch, ...]: the targets
+  entering: Carry  # leaves [T, batch, ...]: the carry entering each step
+  outputs: Any  # leaves [T, batch, ...]: y_t before the head
+
+
+def _chunk_step(one_loss, time, max_lag, totals, ts):
+  """Adds a chunk of losses' per-lag norms and gradient contributions to the totals."""
+  real = ts < time
+  (state_norms, param_norms), grad_sums = jax.vmap(one_loss)(jnp.minimum(ts, time - 1))
+  complete = real & (ts >= max_lag)  # the losses whose every lag exists
+  state_sum, param_sum, grad = totals
+  state_sum += jnp.sum(jnp.where(complete[:, None, None], state_norms, 0.0), axis=(0, 2))
+  param_sum += jnp.sum(jnp.where(complete[:, None], param_norms, 0.0), axis=0)
+  grad = jax.tree.map(
+    lambda acc, g: acc + jnp.tensordot(real.astype(g.dtype), g, axes=1), grad, grad_sums
+  )
+  return (state_sum, param_sum, grad), None
+
+
+def _loss_gradients(model, loss_fn, with_params, params, trajectory, t):
+  """d (sum_b l_t^b) / d y_t, per stream, and the head's part of d l_t / d theta."""
+  y_t = _at(trajectory.outputs, t)
+  batch = jax.tree.leaves(y_t)[0].shape[0]
+
+  def summed_loss(params, y_t):
+    out_t = map_steps(model.head, params, _at(y_t, None))
+    losses = jax.vmap(loss_fn)(out_t, _at(_at(trajectory.ys, t), None))
+    _checks.per_example_losses("lag_profile", losses, 1, batch)
+    return jnp.sum(losses)
+
+  if not with_params:
+    return None, jax.grad(summed_loss, argnums=1)(params, y_t)
+  head_grads, dy = jax.grad(summed_loss, argnums=(0, 1))(params, y_t)
+  return jax.tree.map(lambda g: g / batch, head_grads), dy
+
+
+def _one_loss(model, loss_fn, max_lag, with_params, params, trajectory, t):
+  """Walks the chain rule back from l_t over lags 0..K: norms per lag and sum_k c_{t,k}."""
+  head_grads, dy = _loss_gradients(model, loss_fn, with_params, params, trajectory, t)
+  lag_step = functools.partial(_lag_step, model, with_params, params, trajectory, t, head_grads, dy)
+  ds0 = jax.tree.map(jnp.zeros_like, _at(trajectory.entering, 0))
+  zeros = jax.tree.map(jnp.zeros_like, params) if with_params else ()
+  (_, grad_sum), per_lag = jax.lax.scan(lag_step, (ds0, zeros), jnp.arange(max_lag + 1))
+  return per_lag, grad_sum
+
+
+def _lag_step(model, with_params, params, trajectory, t, head_grads, dy, state, k):
+  """One lag back: from d l_t / d s_{t-k} to d l_t / d s_{t-k-1}, and c_{t,k}."""
+  ds, grad_sum = state  # ds = d (sum_b l_t^b) / d s_{t-k} (zero at k = 0: l_t reads y_t)
+  batch = jax.tree.leaves(dy)[0].shape[0]
+  step = full_step(model)  # the step on raw inputs: the per-step VJPs take x_tau
+  tau = t - k
+  exists = tau >= 0
+  tau = jnp.maximum(tau, 0)
+  s_in, x_tau = _at(trajectory.entering, tau), _at(trajectory.xs, tau)
+  dy_k = jax.tree.map(lambda a: jnp.where(k == 0, a, jnp.zeros_like(a)), dy)
+  state_norm = jnp.where(k == 0, _stream_norms(dy), _stream_norms(ds))
+  if not with_params:
+    _, state_vjp = jax.vjp(lambda s: step(params, s, x_tau), s_in)
+    (ds_in,) = state_vjp((ds, dy_k))
+    return (ds_in, grad_sum), (state_norm, jnp.zeros((), state_norm.dtype))
+  _, step_vjp = jax.vjp(lambda p, s: step(p, s, x_tau), params, s_in)
+  dparams, ds_in = step_vjp((ds, dy_k))
+  # c_{t,k}: the batch mean's gradient, the head's part at lag 0.
+  c = jax.tree.map(
+    lambda g, h: g / batch + jnp.where(k == 0, h, jnp.zeros_like(h)), dparams, head_grads
+  )
+  param_norm = optax.tree.norm(c)
+  c = jax.tree.map(lambda a: jnp.where(exists, a, jnp.zeros_like(a)), c)
+  grad_sum = jax.tree.map(jnp.add, grad_sum, c)
+  return (ds_in, grad_sum), (state_norm, param_norm)
 
 
 def step_jacobian_spectra(
@@ -350,7 +366,7 @@ def truncation_bias(
   r"""The bias of TBPTT(k1, k2) against full BPTT, on one sequence at fixed parameters.
 
   g_k2 is the gradient the library's TBPTT makes over the sequence
-  (`tbptt_gradients`), its updates' gradients weighted by their block sizes,
+  (`cell_gradients`), its updates' gradients weighted by their block sizes,
   so that it estimates the same quantity as full BPTT's g_full, the gradient
   of the mean loss over all T steps (k1 = k2 = T). Then
 
@@ -407,12 +423,8 @@ def truncation_bias(
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
 def _sequence_gradient(model, loss_fn, k1, k2, style, params, carry, inputs, targets):
   """TBPTT's gradient of the whole sequence: its updates' gradients, weighted by block size."""
-  grads, _ = tbptt_gradients(
-    model.apply, loss_fn, params, carry, inputs, targets, k1=k1, k2=k2, style=style,
-    head_fn=model.head,
-    embed_fn=model.embed,
-    scan_fn=model.scan,
-  )  # fmt: skip
+  truncation = Truncation(k1, k2, style)
+  grads, _ = cell_gradients(model, loss_fn, truncation, params, carry, inputs, targets)
   time = jax.tree.leaves(inputs)[0].shape[1]
   weights = jnp.asarray(block_sizes(time, k1) / time)
   return jax.tree.map(lambda g: jnp.tensordot(weights.astype(g.dtype), g, axes=1), grads)
@@ -555,30 +567,34 @@ def _power_product_norms(model, max_lag, iterations, params, carry, xs):
   step, entering = _flat_trajectory(model, params, carry, xs)
   time, n = entering.shape
   window = _at(xs, slice(time - max_lag, None))
-
-  def product_map(k, s):
-    """s_{T-k} -> s_T: the last K steps, the first K - k of them passing s through."""
-
-    def body(s, step_in):
-      j, x_t = step_in
-      return jnp.where(j >= max_lag - k, step(s, x_t), s), None
-
-    return jax.lax.scan(body, s, (jnp.arange(max_lag), window))[0]
-
-  def norm_at_lag(k, v):
-    start = entering[time - k]
-    _, jvp = jax.linearize(lambda s: product_map(k, s), start)
-    vjp = jax.linear_transpose(jvp, start)
-
-    def iterate(v, _):
-      w = vjp(jvp(v))[0]
-      return w / jnp.linalg.norm(w), None
-
-    v = jax.lax.scan(iterate, v / jnp.linalg.norm(v), None, length=iterations)[0]
-    return jnp.linalg.norm(jvp(v))
-
+  norm_at_lag = functools.partial(_norm_at_lag, step, entering, window, iterations)
   v0 = jax.random.normal(jax.random.key(0), (max_lag, n), entering.dtype)
   return jax.vmap(norm_at_lag)(jnp.arange(1, max_lag + 1), v0)
+
+
+def _product_map(step, window, k, s):
+  """s_{T-k} -> s_T: the last K steps of `window`, the first K - k of them passing s through."""
+  max_lag = jax.tree.leaves(window)[0].shape[0]
+
+  def body(s, step_in):
+    j, x_t = step_in
+    return jnp.where(j >= max_lag - k, step(s, x_t), s), None
+
+  return jax.lax.scan(body, s, (jnp.arange(max_lag), window))[0]
+
+
+def _norm_at_lag(step, entering, window, iterations, k, v):
+  """||d s_T / d s_{T-k}||_2 by power iteration on P^T P from the start vector `v`."""
+  start = entering[entering.shape[0] - k]
+  _, jvp = jax.linearize(functools.partial(_product_map, step, window, k), start)
+  vjp = jax.linear_transpose(jvp, start)
+
+  def iterate(v, _):
+    w = vjp(jvp(v))[0]
+    return w / jnp.linalg.norm(w), None
+
+  v = jax.lax.scan(iterate, v / jnp.linalg.norm(v), None, length=iterations)[0]
+  return jnp.linalg.norm(jvp(v))
 
 
 def _check_model(where: str, model: Any) -> None:
