@@ -16,6 +16,11 @@ import numpy as np
 STYLES = ("window", "per_loss")
 
 
+def _structure(tree: Any) -> Any:
+  """`jax.tree.structure`, typed `Any`: the stubs of its `PyTreeDef` declare no `==`."""
+  return jax.tree.structure(tree)
+
+
 def positive_int(where: str, name: str, value: Any) -> int:
   """Returns `value` if it is an integer >= 1, else raises."""
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
@@ -101,7 +106,7 @@ def leading_batch(where: str, name: str, tree: Any, batch: int) -> None:
 
 def like(where: str, name: str, tree: Any, reference_name: str, reference: Any) -> None:
   """Checks that `tree` has the structure and leaf shapes of `reference`."""
-  got, want = jax.tree.structure(tree), jax.tree.structure(reference)
+  got, want = _structure(tree), _structure(reference)
   if got != want:
     raise ValueError(
       f"{where}: {name} must have the tree structure of {reference_name}, {want}, got {got}"
@@ -129,7 +134,7 @@ def like_steps(where: str, name: str, tree: Any, steps: Any) -> None:
 
   got = [step(a, 1) for a in jax.tree.leaves(tree)]
   want = [step(a, 0) for a in jax.tree.leaves(steps)]
-  if jax.tree.structure(tree) != jax.tree.structure(steps) or got != want:
+  if _structure(tree) != _structure(steps) or got != want:
     raise ValueError(
       f"{where}: each step of {name} must have the shape and dtype of those the state was "
       f"initialised with, {', '.join(want)}, got {', '.join(got)}"

@@ -209,4 +209,6 @@ def _apply(settings: _Settings, params: Params, carry: ARTBPCarry, inputs: Any):
 
 
 def _embed(settings: _Settings, params: Params, inputs: Any) -> Any:
-  return settings.model.embed(params, _split(settings, inputs)[0]), inputs[1]
+  embed = settings.model.embed
+  assert embed is not None  # only a model with an embed gets this one
+  return embed(params, _split(settings, inputs)[0]), inputs[1]

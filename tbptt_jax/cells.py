@@ -108,9 +108,10 @@ def full_step(cell: Cell) -> StepFn:
   The function a loop written step by step calls; equal to `cell.apply` for a
   cell without `embed`.
   """
-  if cell.embed is None:
+  embed = cell.embed
+  if embed is None:
     return cell.apply
-  return lambda params, carry, x_t: cell.apply(params, carry, cell.embed(params, x_t))
+  return lambda params, carry, x_t: cell.apply(params, carry, embed(params, x_t))
 
 
 def from_step(

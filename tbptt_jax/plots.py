@@ -37,7 +37,7 @@ def plot_lag_norms(
   ax = _axes(ax)
   for label, curve in curves.items():
     if isinstance(curve, LagProfile):
-      norms = curve.state_norms if kind == "state" else curve.param_norms
+      norms = np.asarray(curve.state_norms if kind == "state" else curve.param_norms)
       lags = np.arange(len(norms))
     else:
       norms = np.asarray(curve)

@@ -155,7 +155,8 @@ def shard_batch(tree: Any, mesh: Mesh, *, where: str = "shard_batch", name: str 
   Args:
     tree: arrays `[streams, ...]` (NumPy or JAX), or None.
     mesh: a mesh with a "data" axis.
-    where, name: the caller and the argument, for errors.
+    where: the caller, for errors.
+    name: the argument, for errors.
 
   Returns:
     The same tree of `jax.Array`s, each `[global batch, ...]`.
@@ -228,8 +229,9 @@ def data_parallel(
 
   Args:
     mesh: a mesh with a "data" axis.
-    init, update, reset: a trainer's functions on one device, `update` not
-      jitted (see `tbptt_trainer`).
+    init: a trainer's `init` on one device.
+    update: its `update` on one device, not jitted (see `tbptt_trainer`).
+    reset: its `reset` on one device.
 
   Returns:
     `(init, update, reset)` with the signatures of `Trainer`'s.

@@ -190,9 +190,9 @@ def tbptt_trainer(
     model, loss_fn, optimizer, k1, k2, style, max_grad_norm, unroll, step_rngs,
     skip_nonfinite, remat, artbp,
   )  # fmt: skip
-  init = functools.partial(_init, config)
-  update = functools.partial(_update, config)
-  reset = functools.partial(_reset, config)
+  init: Callable[..., TrainState] = functools.partial(_init, config)
+  update: Callable[..., Any] = functools.partial(_update, config)
+  reset: Callable[..., TrainState] = functools.partial(_reset, config)
   if mesh is not None:  # the same update, its streams split over the mesh's devices
     init, jitted, reset = sharding.data_parallel(mesh, init, update, reset)
   else:

@@ -119,7 +119,7 @@ def scan_steps(
   body = functools.partial(
     _scan_body, step_fn, params, reset_carry, keep_outputs=keep_outputs, keep_carries=keep_carries
   )
-  if one_segment:
+  if remat is None or one_segment:
     carry, (outputs, carries) = jax.lax.scan(body, carry, (inputs, resets, mask), unroll=unroll)
     return Unrolled(carry, outputs, carries)
   return _scan_in_segments(body, carry, (inputs, resets, mask), remat, unroll)
@@ -208,9 +208,9 @@ def unroll(
   if reset_carry is not None:
     _checks.like(where, "reset_carry", reset_carry, "carry", carry)
   _checks.unroll(where, unroll)
-  xs, resets = time_major((inputs, resets))
+  xs, time_major_resets = time_major((inputs, resets))
   result = scan_steps(
-    step_fn, params, carry, xs, resets=resets, reset_carry=reset_carry, unroll=unroll
+    step_fn, params, carry, xs, resets=time_major_resets, reset_carry=reset_carry, unroll=unroll
   )
   return result.carry, batch_major(result.outputs)
 
