@@ -34,14 +34,50 @@ def atomic_write(path: str | os.PathLike[str], data: bytes | str) -> None:
     f.flush()
     os.fsync(f.fileno())
   os.replace(tmp, path)
+  sync_folder(os.path.dirname(path))
+
+
+def sync_folder(folder: str) -> None:
+  """Flushes a folder's entries to disk, so that a rename in it survives a power cut."""
   try:
-    folder = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+    handle = os.open(folder or ".", os.O_RDONLY)
   except OSError:  # a platform without directory handles (Windows): the rename stands
     return
   try:
-    os.fsync(folder)
+    os.fsync(handle)
   finally:
-    os.close(folder)
+    os.close(handle)
+
+
+def write_synced(path: str, data: str) -> None:
+  """Writes `data` to `path` and flushes it to disk (no rename: for files in a staging folder)."""
+  with open(path, "w", encoding="utf-8") as f:
+    f.write(data)
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def pause_for_tests() -> None:
+  """Sleeps `$TBPTT_JAX_TEST_WRITE_PAUSE` seconds, if set: the tests' window to kill a save."""
+  pause = os.environ.get(_PAUSE)
+  if pause:
+    time.sleep(float(pause))
+
+
+def looks_like_msgpack_checkpoint(path: str, file_format: str) -> bool:
+  """Whether `path` is a single-file msgpack checkpoint of `file_format` (an older tbptt_jax)."""
+  try:
+    with open(path, "rb") as f:
+      content = msgpack.unpackb(f.read(), raw=False)
+  except (
+    OSError,
+    ValueError,
+    TypeError,
+    msgpack.exceptions.ExtraData,
+    msgpack.exceptions.UnpackException,
+  ):
+    return False
+  return isinstance(content, dict) and content.get("format") == file_format
 
 
 def read_format(

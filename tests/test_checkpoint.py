@@ -1,6 +1,8 @@
 """Tests of `tbptt_jax.checkpoint`: exact continuation, atomic writes, pruning, damaged files."""
 
+import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -88,50 +90,93 @@ def saved(tmp_path_factory):
   for i in range(4):
     state, _ = trainer.update(state, x[:, i * K1 : (i + 1) * K1], y[:, i * K1 : (i + 1) * K1])
     checkpoint.save_checkpoint(folder, state, {"i": i}, keep=2)
-    if i == 0:
+    if i in (0, 1):  # the second best replaces the first
       checkpoint.save_checkpoint(folder, state, {"i": i}, name="best")
   return trainer, state, folder, jax.eval_shape(trainer.init, key, x[:, :K1])
 
 
 def test_only_the_last_checkpoints_and_the_best_are_kept(saved):
   _, state, folder, like = saved
-  assert sorted(os.listdir(folder)) == ["best.ckpt", "step_0000000003.ckpt", "step_0000000004.ckpt"]
+  assert sorted(os.listdir(folder)) == [
+    "best-0000000002.ckpt",
+    "best.ckpt",
+    "step_0000000003.ckpt",
+    "step_0000000004.ckpt",
+  ]
+  assert os.readlink(folder / "best.ckpt") == "best-0000000002.ckpt"
   latest = checkpoint.latest_checkpoint(folder)
   assert latest.endswith("step_0000000004.ckpt") and checkpoint.read_meta(latest) == {"i": 3}
   assert_bit_identical(checkpoint.load_checkpoint(latest, like).state, state)
-  assert checkpoint.load_checkpoint(os.path.join(folder, "best.ckpt"), like).meta == {"i": 0}
+  assert checkpoint.load_checkpoint(os.path.join(folder, "best.ckpt"), like).meta == {"i": 1}
   assert checkpoint.latest_checkpoint(folder / "missing") is None
 
 
-def test_a_crash_mid_save_leaves_the_previous_checkpoint(saved, tmp_path):
-  """What a crash during a save leaves, a partial temporary file, changes nothing."""
+def test_a_checkpoint_is_read_by_orbax_alone(saved):
+  """Any JAX code base restores it with orbax-checkpoint, without tbptt_jax's loader."""
+  import orbax.checkpoint as ocp
+
   _, state, folder, like = saved
-  latest = checkpoint.latest_checkpoint(folder)
+  target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), like)
+  args = ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore())
+  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+    restored = checkpointer.restore(folder / "step_0000000004.ckpt", args=args)
+  assert restored.meta == {"i": 3}
+  assert_bit_identical(tbptt_jax.TrainState(*restored.state), state)
+
+
+def test_a_crash_mid_save_leaves_the_previous_checkpoint(saved, tmp_path):
+  """What a crash during a save leaves, a partial staging folder, changes nothing."""
+  _, state, folder, like = saved
+  shutil.copytree(folder, tmp_path, symlinks=True, dirs_exist_ok=True)
   partial = tmp_path / "step_0000000005.ckpt.tmp"
-  for name in os.listdir(folder):
-    (tmp_path / name).write_bytes((folder / name).read_bytes())
-  partial.write_bytes((folder / os.path.basename(latest)).read_bytes()[:100])
+  shutil.copytree(folder / "step_0000000004.ckpt" / "state", partial / "state")
   assert checkpoint.latest_checkpoint(tmp_path).endswith("step_0000000004.ckpt")
   assert_bit_identical(
     checkpoint.load_checkpoint(checkpoint.latest_checkpoint(tmp_path), like).state, state
   )
+  with pytest.raises(ValueError, match="step_0000000005.ckpt.tmp'.* not a tbptt_jax checkpoint"):
+    checkpoint.load_checkpoint(partial, like)
 
 
-def test_damaged_foreign_and_mismatched_files_are_named(saved, tmp_path):
+def _damage(folder, how):
+  """Damages one array file of a checkpoint folder: truncates it or flips one of its bits."""
+  data = max(
+    (os.path.join(root, name) for root, _, names in os.walk(folder / "state") for name in names),
+    key=os.path.getsize,
+  )
+  raw = open(data, "rb").read()
+  raw = raw[: len(raw) // 2] if how == "truncate" else raw[:-10] + bytes([raw[-10] ^ 1]) + raw[-9:]
+  open(data, "wb").write(raw)
+
+
+def test_damaged_foreign_and_mismatched_checkpoints_are_named(saved, tmp_path):
   _, state, folder, like = saved
-  good = (folder / "step_0000000004.ckpt").read_bytes()
-  header = msgpack.unpackb(good)
+  good = folder / "step_0000000004.ckpt"
+  for name in ("truncated", "flipped", "no_manifest", "future"):
+    shutil.copytree(good, tmp_path / f"{name}.ckpt")
+  _damage(tmp_path / "truncated.ckpt", "truncate")
+  _damage(tmp_path / "flipped.ckpt", "flip")
+  os.remove(tmp_path / "no_manifest.ckpt" / checkpoint.MANIFEST)
+  manifest = json.loads((good / checkpoint.MANIFEST).read_text())
+  (tmp_path / "future.ckpt" / checkpoint.MANIFEST).write_text(
+    json.dumps({**manifest, "version": 99})
+  )
+  (tmp_path / "text.ckpt").write_bytes(b'{"params": 1}')
+  old = {"format": checkpoint.FORMAT, "version": 2, "payload": b""}
+  (tmp_path / "old.ckpt").write_bytes(msgpack.packb(old))
   cases = {
-    "truncated.ckpt": (good[: len(good) // 2], "not a tbptt_jax checkpoint"),
-    "flipped.ckpt": (good[:-10] + bytes([good[-10] ^ 1]) + good[-9:], "corrupt"),
-    "foreign.ckpt": (msgpack.packb({"format": "something else"}), "not a tbptt_jax checkpoint"),
-    "text.ckpt": (b'{"params": 1}', "not a tbptt_jax checkpoint"),
-    "future.ckpt": (msgpack.packb({**header, "version": 99}), "version 99"),
+    "truncated.ckpt": "corrupt",
+    "flipped.ckpt": "corrupt",
+    "no_manifest.ckpt": "not a tbptt_jax checkpoint",
+    "future.ckpt": "version 99",
+    "text.ckpt": "not a tbptt_jax checkpoint folder",
+    "old.ckpt": "not a tbptt_jax checkpoint folder .*before orbax",
   }
-  for name, (data, message) in cases.items():
-    (tmp_path / name).write_bytes(data)
+  for name, message in cases.items():
     with pytest.raises(ValueError, match=rf"load_checkpoint: '.*{name}'.* {message}"):
       checkpoint.load_checkpoint(tmp_path / name, like)
+  with pytest.raises(ValueError, match="read_meta: .*flipped.ckpt.* corrupt"):
+    checkpoint.read_meta(tmp_path / "flipped.ckpt")
   with pytest.raises(ValueError, match="cannot read checkpoint .*missing.ckpt"):
     checkpoint.load_checkpoint(tmp_path / "missing.ckpt", like)
 
@@ -145,13 +190,13 @@ def test_damaged_foreign_and_mismatched_files_are_named(saved, tmp_path):
   )
   wider = jax.eval_shape(other.init, jax.random.PRNGKey(1), np.zeros((BATCH, K1), np.int32))
   with pytest.raises(ValueError, match="another configuration.*7"):
-    checkpoint.load_checkpoint(folder / "step_0000000004.ckpt", wider)
+    checkpoint.load_checkpoint(good, wider)
   adam = like._replace(opt_state=optax.adam(0.1).init(like.params))
   with pytest.raises(ValueError, match="another configuration"):
-    checkpoint.load_checkpoint(folder / "step_0000000004.ckpt", adam)
+    checkpoint.load_checkpoint(good, adam)
   typed = like._replace(rng=jax.eval_shape(jax.random.key, 0))
   with pytest.raises(ValueError, match="raw PRNG key"):
-    checkpoint.load_checkpoint(folder / "step_0000000004.ckpt", typed)
+    checkpoint.load_checkpoint(good, typed)
 
 
 def test_bad_arguments_are_named(saved, tmp_path):
@@ -162,4 +207,6 @@ def test_bad_arguments_are_named(saved, tmp_path):
     checkpoint.save_checkpoint(tmp_path, state, name="../up")
   with pytest.raises(ValueError, match="meta must be JSON-able"):
     checkpoint.save_checkpoint(tmp_path, state, {"array": jnp.ones(2)})
+  with pytest.raises(ValueError, match="state must be the tbptt_jax.TrainState of a run"):
+    checkpoint.save_checkpoint(tmp_path, state.params)
   assert os.listdir(tmp_path) == []
