@@ -283,9 +283,9 @@ def load_vocabulary(path: str | os.PathLike[str]) -> Vocabulary:
     The `Vocabulary`, equal to the one saved.
 
   Raises:
-    ValueError naming the file when it is missing, not UTF-8 JSON, not a
-    tbptt_jax vocabulary, of another version, or inconsistent (duplicate
-    tokens, an unk that is not a token, an unknown level).
+    ValueError: naming the file when it is missing, not UTF-8 JSON, not a
+      tbptt_jax vocabulary, of another version, or inconsistent (duplicate
+      tokens, an unk that is not a token, an unknown level).
 
   Example:
     >>> vocab = load_vocabulary("run/vocab.json")  # doctest: +SKIP
@@ -378,10 +378,10 @@ def _find_files(where: str, folder: Path) -> tuple[Path, ...]:
       return tuple(folder / name for name in names)
   if (folder / _SINGLE_FILE).exists():
     return (folder / _SINGLE_FILE,)
-  names = sorted(p.name for p in folder.iterdir())
-  shown = ", ".join(names[:_SHOWN_NAMES]) or "nothing"
-  if len(names) > _SHOWN_NAMES:
-    shown += f", ... ({len(names)} names in all)"
+  listed = sorted(p.name for p in folder.iterdir())
+  shown = ", ".join(listed[:_SHOWN_NAMES]) or "nothing"
+  if len(listed) > _SHOWN_NAMES:
+    shown += f", ... ({len(listed)} names in all)"
   expected = "; ".join("/".join(names) for names in _FILE_SETS)
   raise ValueError(
     f"{where}: {folder} holds no corpus: expected {expected}; or a single {_SINGLE_FILE}; "
@@ -431,46 +431,62 @@ def read_corpus(
   """
   where = "read_corpus"
   _check_level(where, level)
-  if vocab is not None:
-    if not isinstance(vocab, Vocabulary):
-      raise ValueError(f"{where}: vocab must be a Vocabulary or None, got {type(vocab).__name__}")
-    if vocab.level != level:
-      raise ValueError(
-        f"{where}: vocab must have the level being read, {level!r}, got a vocabulary of "
-        f"level {vocab.level!r}"
-      )
+  _check_vocab_argument(where, vocab, level)
   folder = Path(folder)
   if not folder.exists():
     raise ValueError(f"{where}: no such folder {folder}")
   if not folder.is_dir():
     raise ValueError(f"{where}: {folder} is a file; folder must be a folder of text files")
-  paths = _find_files(where, folder)
-  if len(paths) == len(_SPLITS):
-    splits = [tokenize(_read_text(where, path, level), level) for path in paths]
-    sources = [str(path) for path in paths]
-  else:
-    (path,) = paths
-    tokens = tokenize(_read_text(where, path, level), level)
-    n = len(tokens)
-    # Integer cut points: no float rounding, and the train cut is nanoGPT's int(0.9 n).
-    train_end, valid_end = n * 9 // 10, n * 19 // 20
-    splits = [tokens[:train_end], tokens[train_end:valid_end], tokens[valid_end:]]
-    if not all(splits):
-      raise ValueError(
-        f"{where}: {path} has {n} tokens, too few to cut 90/5/5 into non-empty train, valid and "
-        f"test splits (they would have {', '.join(str(len(s)) for s in splits)})"
-      )
-    sources = [f"{path} ({split} split)" for split in _SPLITS]
+  splits, sources = _read_splits(where, _find_files(where, folder), level)
   if vocab is None:
-    unk = UNK
-    if level == "char":
-      unseen = (set(splits[1]) | set(splits[2])) - set(splits[0])
-      unk = _CHAR_UNK if unseen else None
-    vocab = build_vocabulary(splits[0], level, unk=unk)
+    vocab = _train_vocabulary(splits, level)
   arrays = []
   for tokens, source in zip(splits, sources, strict=True):
     try:
       arrays.append(vocab.encode(tokens))
     except ValueError as e:
       raise ValueError(f"{where}: {source}: {e}") from None
-  return Corpus(*arrays, vocab)
+  train, valid, test = arrays
+  return Corpus(train, valid, test, vocab)
+
+
+def _check_vocab_argument(where: str, vocab: Any, level: str) -> None:
+  if vocab is None:
+    return
+  if not isinstance(vocab, Vocabulary):
+    raise ValueError(f"{where}: vocab must be a Vocabulary or None, got {type(vocab).__name__}")
+  if vocab.level != level:
+    raise ValueError(
+      f"{where}: vocab must have the level being read, {level!r}, got a vocabulary of "
+      f"level {vocab.level!r}"
+    )
+
+
+def _read_splits(
+  where: str, paths: tuple[Path, ...], level: str
+) -> tuple[list[list[str]], list[str]]:
+  """The tokens of train, valid and test, and where each comes from (for error messages)."""
+  if len(paths) == len(_SPLITS):
+    splits = [tokenize(_read_text(where, path, level), level) for path in paths]
+    return splits, [str(path) for path in paths]
+  (path,) = paths
+  tokens = tokenize(_read_text(where, path, level), level)
+  n = len(tokens)
+  # Integer cut points: no float rounding, and the train cut is nanoGPT's int(0.9 n).
+  train_end, valid_end = n * 9 // 10, n * 19 // 20
+  splits = [tokens[:train_end], tokens[train_end:valid_end], tokens[valid_end:]]
+  if not all(splits):
+    raise ValueError(
+      f"{where}: {path} has {n} tokens, too few to cut 90/5/5 into non-empty train, valid and "
+      f"test splits (they would have {', '.join(str(len(s)) for s in splits)})"
+    )
+  return splits, [f"{path} ({split} split)" for split in _SPLITS]
+
+
+def _train_vocabulary(splits: list[list[str]], level: str) -> Vocabulary:
+  """The vocabulary of the train split, with the unk token `read_corpus` describes."""
+  unk: str | None = UNK
+  if level == "char":
+    unseen = (set(splits[1]) | set(splits[2])) - set(splits[0])
+    unk = _CHAR_UNK if unseen else None
+  return build_vocabulary(splits[0], level, unk=unk)

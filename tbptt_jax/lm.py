@@ -11,10 +11,11 @@ dropped), as in Zaremba, Sutskever & Vinyals (2014). With tied embeddings
 V = E (Press & Wolf 2017; Inan et al. 2017). Every parameter starts uniform in
 [-init_scale, init_scale].
 
-The model is a `Cell` whose step input is `(w_t, rng_t)`: the token ids
-`[batch]` and, in training, per-stream PRNG key data `[batch, 2]` for the
-dropout masks (`tbptt_trainer(..., step_rngs=True)` supplies them); with
-`rng_t = None` the model is deterministic, as in evaluation. The softmax layer
+The model is a `Cell` whose step input is the token ids `w_t` `[batch]`, or
+`(w_t, rng_t)` with per-stream PRNG key data `[batch, 2]` for the dropout
+masks (`tbptt_trainer(..., step_rngs=True)` supplies them; a model with
+dropout needs them in training); with `rng_t = None`, or token ids alone,
+the model is deterministic, as in evaluation. The softmax layer
 is the cell's `head`, so training computes it for all steps of a window in one
 matrix product, outside the scan.
 
@@ -107,18 +108,22 @@ PRESETS = {
 def language_model(config: LMConfig) -> Cell:
   """The recurrent language model of `config`, as a `Cell` with a softmax `head`.
 
-  Step input `(w_t, rng_t)`: token ids `[batch]` (int) and PRNG key data
-  `[batch, 2]` (uint32) for dropout, or None for no dropout. The step output
-  is the top layer's (dropped-out) state; `head` maps it to logits `[batch, vocab]`.
+  Step input: token ids `w_t` `[batch]` (int), or `(w_t, rng_t)` with PRNG
+  key data `rng_t` `[batch, 2]` (uint32) for the dropout masks, or None for
+  no dropout (evaluation). A model with dropout draws its masks from `rng_t`,
+  so in training it needs `tbptt_trainer(..., step_rngs=True)`; given token
+  ids alone it raises a `ValueError` that says so. A model without dropout
+  draws nothing and takes token ids alone. The step output is the top
+  layer's (dropped-out) state; `head` maps it to logits `[batch, vocab]`.
 
   Args:
     config: the architecture; see `LMConfig`.
 
   Example:
     >>> model = language_model(LMConfig(vocab_size=10_000, hidden=200, layers=2))
-    >>> x_t = (jnp.zeros((20,), jnp.int32), None)
-    >>> params = model.init(jax.random.key(0), x_t)
-    >>> carry, h_t = model.apply(params, model.initial_carry(x_t), x_t)
+    >>> w_t = jnp.zeros((20,), jnp.int32)
+    >>> params = model.init(jax.random.key(0), w_t)
+    >>> carry, h_t = model.apply(params, model.initial_carry(w_t), w_t)
     >>> model.head(params, h_t).shape
     (20, 10000)
 
@@ -127,77 +132,100 @@ def language_model(config: LMConfig) -> Cell:
     connections only).
   """
   config = check_config("language_model", config)
-  cells = [cell_by_name(config.cell, config.hidden) for _ in range(config.layers)]
-  keep = 1.0 - config.dropout
+  cells = tuple(cell_by_name(config.cell, config.hidden) for _ in range(config.layers))
+  return Cell(
+    init=functools.partial(_init, config, cells),
+    initial_carry=functools.partial(_initial_carry, config, cells),
+    apply=functools.partial(_apply, config, cells),
+    head=_head,
+  )
 
-  def init(rng: jax.Array, x_t: Any) -> LMParams:
-    w_t, _ = x_t
-    batch = jnp.shape(w_t)[0]
-    keys = jax.random.split(rng, config.layers + 1)
-    layers = []
-    h_t = jnp.zeros((batch, config.embedding_dim), jnp.float32)
-    for cell, key in zip(cells, keys[1:], strict=True):
-      layers.append(cell.init(key, h_t))
-      h_t = jnp.zeros((batch, config.hidden), jnp.float32)
-    params = LMParams(
-      embedding=jnp.zeros((config.vocab_size, config.embedding_dim), jnp.float32),
-      layers=tuple(layers),
-      softmax=None
-      if config.tie_embeddings
-      else jnp.zeros((config.vocab_size, config.hidden), jnp.float32),
-      bias=jnp.zeros((config.vocab_size,), jnp.float32),
-    )
-    return uniform_init(keys[0], params, config.init_scale)
 
-  def initial_carry(x_t: Any) -> tuple:
-    w_t, _ = x_t
-    h_t = jax.ShapeDtypeStruct((jnp.shape(w_t)[0], config.hidden), jnp.float32)
-    # Every cell here sizes its carry by its own state size, not by its input.
-    return tuple(cell.initial_carry(h_t) for cell in cells)
-
-  def apply(params: LMParams, carry: tuple, x_t: Any) -> tuple[tuple, jax.Array]:
+def _step_input(config: LMConfig, x_t: Any) -> tuple[Any, Any]:
+  """`(w_t, rng_t)` of a step input: `(w_t, rng_t)` itself, or token ids alone (no draws)."""
+  if isinstance(x_t, tuple):
     w_t, rng_t = x_t
-    uniforms = None
-    if rng_t is not None and config.dropout > 0:
-      # One draw per stream for all dropout sites of the step (cheaper than one per site).
-      keys = jax.vmap(jax.random.wrap_key_data)(rng_t)
-      width = max(config.hidden, config.embedding_dim)
-      uniforms = jax.vmap(jax.random.uniform, (0, None))(keys, (config.layers + 1, width))
+    return w_t, rng_t
+  if config.dropout > 0:
+    raise ValueError(
+      f"language_model: a model with dropout {config.dropout} takes steps (w_t, rng_t), whose "
+      "keys draw its masks, got token ids alone: pass step_rngs=True to tbptt_trainer (or give "
+      "(w_t, None) to run it without dropout)"
+    )
+  return x_t, None
 
-    def drop(h: jax.Array, site: int) -> jax.Array:
-      # Inverted dropout, an independent mask per stream: scaled up in
-      # training, so evaluation (no masks) needs no correction.
-      if uniforms is None:
-        return h
-      return jnp.where(uniforms[:, site, : h.shape[1]] < keep, h / keep, 0.0)
 
-    h = drop(params.embedding[w_t], 0)
-    new_carry = []
-    for layer, (cell, layer_params, layer_carry) in enumerate(
-      zip(cells, params.layers, carry, strict=True)
-    ):
-      layer_carry, h = cell.apply(layer_params, layer_carry, h)
-      new_carry.append(layer_carry)
-      h = drop(h, layer + 1)
-    return tuple(new_carry), h
+def _init(config: LMConfig, cells: tuple[Cell, ...], rng: jax.Array, x_t: Any) -> LMParams:
+  w_t, _ = _step_input(config, x_t)
+  batch = jnp.shape(w_t)[0]
+  keys = jax.random.split(rng, config.layers + 1)
+  layers = []
+  h_t = jnp.zeros((batch, config.embedding_dim), jnp.float32)
+  for cell, key in zip(cells, keys[1:], strict=True):
+    layers.append(cell.init(key, h_t))
+    h_t = jnp.zeros((batch, config.hidden), jnp.float32)
+  params = LMParams(
+    embedding=jnp.zeros((config.vocab_size, config.embedding_dim), jnp.float32),
+    layers=tuple(layers),
+    softmax=None
+    if config.tie_embeddings
+    else jnp.zeros((config.vocab_size, config.hidden), jnp.float32),
+    bias=jnp.zeros((config.vocab_size,), jnp.float32),
+  )
+  return uniform_init(keys[0], params, config.init_scale)
 
-  def head(params: LMParams, h_t: jax.Array) -> jax.Array:
-    weights = params.embedding if params.softmax is None else params.softmax
-    return h_t @ weights.T + params.bias
 
-  return Cell(init, initial_carry, apply, head)
+def _initial_carry(config: LMConfig, cells: tuple[Cell, ...], x_t: Any) -> tuple:
+  w_t, _ = _step_input(config, x_t)
+  h_t = jax.ShapeDtypeStruct((jnp.shape(w_t)[0], config.hidden), jnp.float32)
+  # Every cell here sizes its carry by its own state size, not by its input.
+  return tuple(cell.initial_carry(h_t) for cell in cells)
+
+
+def _apply(
+  config: LMConfig, cells: tuple[Cell, ...], params: LMParams, carry: tuple, x_t: Any
+) -> tuple[tuple, jax.Array]:
+  w_t, rng_t = _step_input(config, x_t)
+  uniforms = None
+  if rng_t is not None and config.dropout > 0:
+    # One draw per stream for all dropout sites of the step (cheaper than one per site).
+    keys = jax.vmap(jax.random.wrap_key_data)(rng_t)
+    width = max(config.hidden, config.embedding_dim)
+    uniforms = jax.vmap(jax.random.uniform, (0, None))(keys, (config.layers + 1, width))
+  drop = functools.partial(_dropout, uniforms, 1.0 - config.dropout)
+  h = drop(params.embedding[w_t], 0)
+  new_carry = []
+  for layer, (cell, layer_params, layer_carry) in enumerate(
+    zip(cells, params.layers, carry, strict=True)
+  ):
+    layer_carry, h = cell.apply(layer_params, layer_carry, h)
+    new_carry.append(layer_carry)
+    h = drop(h, layer + 1)
+  return tuple(new_carry), h
+
+
+def _dropout(uniforms: jax.Array | None, keep: float, h: jax.Array, site: int) -> jax.Array:
+  # Inverted dropout, an independent mask per stream: scaled up in training, so
+  # evaluation (no masks) needs no correction.
+  if uniforms is None:
+    return h
+  return jnp.where(uniforms[:, site, : h.shape[1]] < keep, h / keep, 0.0)
+
+
+def _head(params: LMParams, h_t: jax.Array) -> jax.Array:
+  weights = params.embedding if params.softmax is None else params.softmax
+  return h_t @ weights.T + params.bias
 
 
 def uniform_init(rng: jax.Array, params: Any, scale: float) -> Any:
   """Every leaf of `params` drawn afresh, uniform in [-scale, scale] (Zaremba et al.)."""
   leaves, treedef = jax.tree.flatten(params)
   keys = jax.random.split(rng, len(leaves))
-  return treedef.unflatten(
-    [
-      jax.random.uniform(k, a.shape, a.dtype, -scale, scale)
-      for k, a in zip(keys, leaves, strict=True)
-    ]
-  )
+  drawn = [
+    jax.random.uniform(key, a.shape, a.dtype, -scale, scale)
+    for key, a in zip(keys, leaves, strict=True)
+  ]
+  return jax.tree.unflatten(treedef, drawn)
 
 
 def check_config(where: str, config: Any) -> LMConfig:
@@ -331,7 +359,8 @@ def evaluator(
   `rng_t = None`.
 
   Args:
-    model: a model with the step input `(w_t, rng_t)` of `language_model`.
+    model: a model of `language_model`, or any `Cell` whose step input is
+      `(w_t, rng_t)` and whose `head` gives the logits.
     batch_size: evaluation streams (1 scores every token after the first with
       the whole text before it; more streams are faster).
     chunk_len: steps per jitted call; default about 1000 tokens per call, which
@@ -383,8 +412,11 @@ def sample(
 ) -> np.ndarray:
   """Generates `length` tokens after `prompt`, the state carried from the prompt on.
 
+  No dropout: the model gets `rng_t = None`.
+
   Args:
-    model: a model with the step input `(w_t, rng_t)` of `language_model`.
+    model: a model of `language_model`, or any `Cell` whose step input is
+      `(w_t, rng_t)` and whose `head` gives the logits.
     params: its parameters.
     prompt: 1-D token ids, at least one.
     length: tokens to generate.

@@ -71,6 +71,33 @@ def streams(seed: int, batch_size: int, length: int) -> tuple[np.ndarray, np.nda
   return batchify(x, batch_size), batchify(y, batch_size)
 
 
+def independent_streams(seed: int, batch_size: int, length: int) -> tuple[np.ndarray, np.ndarray]:
+  """`batch_size` independent series of the task, each drawn step by step from its own generator.
+
+  Unlike `streams`, the first n steps of a stream do not depend on `length`:
+  a longer run sees a shorter run's data first, which is what lets
+  `tbptt-jax train --resume --steps N` extend a finished run exactly as a run
+  of N updates would have gone. Stream b draws (u_t, v_t) ~ U[0, 1)^2 at each
+  step t from `np.random.default_rng([seed, b])`, and X_t = [u_t < 0.5],
+  Y_t = [v_t < p_t], with the terms before the stream's start 0.
+
+  Returns:
+    `(xs, ys)`, each `[batch_size, length]` int32.
+  """
+  where = "synthetic.independent_streams"
+  batch_size = _checks.positive_int(where, "batch_size", batch_size)
+  length = _checks.positive_int(where, "length", length)
+  xs = np.empty((batch_size, length), np.int32)
+  ys = np.empty((batch_size, length), np.int32)
+  for b in range(batch_size):
+    # Row by row, (u_t, v_t) pairs: a longer draw starts with a shorter one.
+    u, v = np.random.default_rng([seed, b]).random((length, 2)).T
+    xs[b] = u < 0.5
+    lagged = [np.concatenate([np.zeros(lag, np.int32), xs[b, :-lag]])[:length] for lag in LAGS]
+    ys[b] = v < probability(*lagged)
+  return xs, ys
+
+
 def model(*cells: Cell) -> Cell:
   """The task's model: one-hot input, the given recurrent cells, a two-class readout.
 

@@ -25,6 +25,7 @@ TensorBoard's format that needs neither TensorFlow nor PyTorch (install
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -51,13 +52,23 @@ class TensorBoardWriter:
       shows each folder under its `--logdir` as one run.
     flush_secs: how often buffered events reach the disk; `flush` and `close`
       write them at once.
+    purge_step: when a run resumes from a checkpoint at this step, TensorBoard
+      hides the events that earlier files in `logdir` hold at this step or
+      later (what a stopped run logged after its last checkpoint), so each
+      step is shown once.
 
   Raises:
     ValueError: naming `logdir` if it cannot be created or written, or if
       tensorboardX is not installed.
   """
 
-  def __init__(self, logdir: str | os.PathLike[str], *, flush_secs: float = 10.0):
+  def __init__(
+    self,
+    logdir: str | os.PathLike[str],
+    *,
+    flush_secs: float = 10.0,
+    purge_step: int | None = None,
+  ):
     self.logdir = os.fspath(logdir)
     _check_writable(self.logdir)
     try:
@@ -66,7 +77,14 @@ class TensorBoardWriter:
       raise ValueError(
         "TensorBoardWriter: tensorboardX is not installed; pip install 'tbptt-jax[tensorboard]'"
       ) from None
-    self._writer = tensorboardX.SummaryWriter(self.logdir, flush_secs=flush_secs)
+    # The file's name holds the second it was made in; the nanoseconds after it keep two
+    # writers of one second (a quickly resumed run) from overwriting one another, in order.
+    self._writer = tensorboardX.SummaryWriter(
+      self.logdir,
+      flush_secs=flush_secs,
+      purge_step=purge_step,
+      filename_suffix=f".{time.time_ns() % 10**9:09d}",
+    )
 
   def updates(self, metrics: UpdateMetrics, first_step: int) -> None:
     """One point per update of one `Trainer.update` call, at steps `first_step + 1 ...`.

@@ -9,6 +9,7 @@ import numpy as np
 import optax
 import pytest
 
+import tbptt_jax
 from tbptt_jax import lm
 
 VOCAB, BATCH = 11, 3
@@ -120,6 +121,30 @@ def test_dropout_in_training_drops_and_rescales_non_recurrent_activations():
   assert not np.any(np.asarray(h_eval) == 0)
   # Different streams get different masks.
   assert not np.array_equal(dropped[0], dropped[1])
+
+
+def test_a_model_without_dropout_takes_token_ids_alone():
+  """No dropout, no draws: plain token steps train without step_rngs, as (w_t, None) steps do."""
+  model, params = init(config())
+  w_t = jnp.arange(BATCH)
+  carry = model.initial_carry(w_t)
+  chex.assert_trees_all_equal(
+    model.apply(params, carry, w_t), model.apply(params, carry, (w_t, None))
+  )
+  streams = tokens(3 * 21).reshape(3, 21)
+  trainer = tbptt_jax.tbptt_trainer(model, lm.cross_entropy, optax.sgd(0.1), k1=4)
+  state = trainer.init(jax.random.key(0), streams[:, :4])
+  state, metrics = trainer.update(state, streams[:, :-1], streams[:, 1:])
+  assert metrics.loss.shape == (5,) and np.all(np.isfinite(metrics.loss))
+
+
+def test_a_model_with_dropout_given_token_ids_alone_asks_for_step_rngs():
+  model = lm.language_model(config(dropout=0.5))
+  trainer = tbptt_jax.tbptt_trainer(model, lm.cross_entropy, optax.sgd(0.1), k1=4)
+  with pytest.raises(ValueError, match=r"dropout 0.5 takes steps \(w_t, rng_t\).*step_rngs=True"):
+    trainer.init(jax.random.key(0), tokens(12).reshape(3, 4))
+  with_rngs = tbptt_jax.tbptt_trainer(model, lm.cross_entropy, optax.sgd(0.1), k1=4, step_rngs=True)
+  assert with_rngs.init(jax.random.key(0), tokens(12).reshape(3, 4)).step == 0
 
 
 def test_lr_schedule_follows_zaremba():

@@ -3,14 +3,20 @@ it ends exactly where the run that never stopped ends."""
 
 import csv
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
+import jax
+import numpy as np
+import optax
 import pytest
 
-from tbptt_jax import checkpoint, cli
+import tbptt_jax
+from tbptt_jax import checkpoint, cli, synthetic
+from tbptt_jax.cli import flags, session
 
 # 60 updates in calls of 10, a checkpoint every 10: r2rt, small and quick.
 ARGS = ["train", "--steps", "60", "--updates-per-call", "10", "--save-every", "10"]
@@ -71,7 +77,7 @@ def test_signals_and_kills_mid_run_and_mid_save_then_resume_exactly(tmp_path, ca
   assert os.path.exists(folder / "step_0000000020.ckpt.tmp")  # the half-written file
 
   # 3. SIGINT twice mid-save: the second one exits at once, without saving.
-  os.remove(folder / "step_0000000020.ckpt.tmp")  # so that the next write can be seen
+  shutil.rmtree(folder / "step_0000000020.ckpt.tmp")  # so that the next write can be seen
   run = start(out, "--resume", pause=1.0)
   wait_for(folder / "step_0000000020.ckpt.tmp", run)
   time.sleep(0.2)  # the write has started again
@@ -86,7 +92,7 @@ def test_signals_and_kills_mid_run_and_mid_save_then_resume_exactly(tmp_path, ca
   status, err = finish(start(out, "--resume"))
   assert status == 0, err
   assert "resuming from" in err
-  for name in ("params.msgpack", "metrics.csv"):
+  for name in ("params.msgpack", "updates.csv"):
     assert (out / name).read_bytes() == (reference / name).read_bytes(), name
 
 
@@ -110,28 +116,44 @@ def test_resume_errors_are_one_line(tmp_path, capsys):
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err, err
-  # A damaged checkpoint is named.
+  # A damaged checkpoint is named: its largest array file cut in half.
   latest = checkpoint.latest_checkpoint(out / "checkpoints")
-  with open(latest, "r+b") as f:
-    f.truncate(100)
+  arrays = [os.path.join(root, name) for root, _, names in os.walk(latest) for name in names]
+  damaged = max(arrays, key=os.path.getsize)
+  with open(damaged, "r+b") as f:
+    f.truncate(os.path.getsize(damaged) // 2)
   assert cli.main(["train", "--out", str(out), "--resume"]) == 2
   err = capsys.readouterr().err
-  assert err.count("\n") == 1 and "is not a tbptt_jax checkpoint" in err and latest in err
+  assert err.count("\n") == 1 and "corrupt" in err and latest in err, err
 
 
 def test_nonfinite_gradients_stop_the_run_with_the_last_good_parameters(tmp_path, capsys):
   """SGD at lr 1e38 overflows the parameters; every later gradient is NaN, every such update
   skipped; after --max-nonfinite of them in a row the run stops, saved, with status 1."""
   out = tmp_path / "run"
-  argv = [*ARGS, "--optimizer", "sgd", "--lr", "1e38", "--max-nonfinite", "5", "--out", str(out)]
+  # Seed 8's data first give a NaN gradient at update 8: the streak runs into the second call.
+  argv = [*ARGS, "--seed", "8", "--optimizer", "sgd", "--lr", "1e38", "--max-nonfinite", "5"]
+  argv += ["--out", str(out)]
   assert cli.main(argv) == 1
   err = capsys.readouterr().err
   assert "the loss is inf" in err and "the gradient holds NaN or inf; update skipped" in err
   last = err.strip().splitlines()[-1]
   assert last.startswith("tbptt-jax: error: 5 updates in a row") and "saved " in last
-  with open(out / "metrics.csv") as f:
+  with open(out / "updates.csv") as f:
     rows = list(csv.DictReader(f))
   nonfinite = [row["nonfinite"] == "True" for row in rows]
   assert len(rows) == 20 and nonfinite.count(True) >= 5
   meta = checkpoint.read_meta(checkpoint.latest_checkpoint(out / "checkpoints"))
   assert meta["updates"] == 20 and meta["calls"] == 2
+
+
+def test_checkpoints_save_this_runs_settings_over_those_of_a_resumed_position(tmp_path):
+  """A position read from a checkpoint holds that run's settings; an extended run saves its own."""
+  args = flags.parser().parse_args(["train", "--out", str(tmp_path), "--steps", "8"])
+  model = synthetic.model(tbptt_jax.elman(2))
+  trainer = tbptt_jax.tbptt_trainer(
+    model, optax.softmax_cross_entropy_with_integer_labels, optax.sgd(0.1), k1=2
+  )
+  state = trainer.init(jax.random.key(0), np.zeros((1, 2), np.int32))
+  path = session.Checkpoints(args).save(state, {"updates": 0, "args": {"steps": 4}})
+  assert checkpoint.read_meta(path)["args"]["steps"] == 8

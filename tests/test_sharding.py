@@ -127,7 +127,7 @@ def test_two_processes_train_like_one(tmp_path, capsys):
   # Process 1 wrote nothing: no second header or duplicated rows, no files of its own.
   assert sorted(os.listdir(two)) == sorted(os.listdir(one))
   assert sorted(os.listdir(two / "checkpoints")) == sorted(os.listdir(one / "checkpoints"))
-  logs = [np.genfromtxt(f / "metrics.csv", delimiter=",", names=True) for f in (two, one)]
+  logs = [np.genfromtxt(f / "updates.csv", delimiter=",", names=True) for f in (two, one)]
   assert len(logs[0]) == 20
   for column in ("loss", "grad_norm"):
     np.testing.assert_allclose(logs[0][column], logs[1][column], rtol=1e-5)

@@ -38,3 +38,21 @@ def test_terms_before_the_start_are_zero():
 def test_bad_length():
   with pytest.raises(ValueError, match=r"length must be an integer >= 1, got 0"):
     synthetic.sequence(np.random.default_rng(0), 0)
+
+
+def test_independent_streams_grow_at_their_ends():
+  """A longer draw starts with the shorter one, stream by stream; each follows the task."""
+  xs, ys = synthetic.independent_streams(3, 4, 50)
+  longer = synthetic.independent_streams(3, 4, 120)
+  np.testing.assert_array_equal(longer[0][:, :50], xs)
+  np.testing.assert_array_equal(longer[1][:, :50], ys)
+  assert xs.dtype == ys.dtype == np.int32 and xs.shape == (4, 50)
+  assert not np.array_equal(xs[0], xs[1])  # every stream its own series
+  xs, ys = synthetic.independent_streams(0, 4, 100_000)
+  x3, x8, y = xs[:, 5:-3], xs[:, :-8], ys[:, 8:]
+  for a in (0, 1):
+    for b in (0, 1):
+      cell = (x3 == a) & (x8 == b)
+      p = synthetic.probability(a, b)
+      sigma = np.sqrt(p * (1 - p) / cell.sum())
+      assert abs(y[cell].mean() - p) < 5 * sigma + 1e-12  # exact when p = 1

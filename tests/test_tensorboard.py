@@ -52,3 +52,15 @@ def test_a_folder_that_cannot_be_written_is_named(tmp_path):
   blocker.write_text("")
   with pytest.raises(ValueError, match=r"TensorBoardWriter: cannot create '.*a_file/run'"):
     TensorBoardWriter(blocker / "run")
+
+
+def test_a_resumed_run_hides_what_its_stopped_session_logged_after_the_checkpoint(tmp_path):
+  """A run killed after update 6 but checkpointed at 3 logs 4..6 again on resuming: TensorBoard
+  shows each step once, the resumed session's value."""
+  metrics = lambda losses: tbptt_jax.UpdateMetrics(*(np.float32(losses),) * 6)  # noqa: E731
+  with TensorBoardWriter(tmp_path) as board:
+    board.updates(metrics([1, 2, 3, 4, 5, 6]), 0)
+  with TensorBoardWriter(tmp_path, purge_step=4) as board:
+    board.updates(metrics([40, 50, 60, 70]), 3)
+  steps = [(1, 1), (2, 2), (3, 3), (4, 40), (5, 50), (6, 60), (7, 70)]
+  assert read_scalars(tmp_path)["train/loss"] == steps

@@ -1,0 +1,7 @@
+"""`python -m tbptt_jax`: the `tbptt-jax` command."""
+
+import sys
+
+from tbptt_jax.cli import main
+
+sys.exit(main())

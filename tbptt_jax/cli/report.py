@@ -1,0 +1,65 @@
+"""What a command-line run reports: the summary's shared keys, its text, its files."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from typing import Any
+
+import numpy as np
+
+from tbptt_jax import _files
+from tbptt_jax.artbp import ARTBP
+from tbptt_jax.train import TrainState, UpdateMetrics
+
+
+def gradients(metrics: UpdateMetrics) -> dict:
+  """What the updates' gradients did: their median norm, how often clipping and NaN/inf hit."""
+  return {
+    "grad_norm_median": float(np.median(metrics.grad_norm)),
+    "clipped_fraction": round(float(np.mean(metrics.clipped)), 6),
+    "nonfinite_updates": int(np.sum(metrics.nonfinite)),
+    "k2_mean": round(float(np.mean(metrics.k2)), 3) if len(metrics.k2) else None,
+  }
+
+
+def truncation(
+  args: argparse.Namespace, state: TrainState, choices: int | None, artbp: ARTBP | None
+) -> dict:
+  """The summary's keys for adaptive truncation (`choices` made, None without) and ARTBP."""
+  return {
+    "delta": args.delta,
+    "k2_final": int(state.k2) if artbp is None else None,  # ARTBP picks each window
+    "k2_choices": choices,
+    "artbp": None if artbp is None else artbp._asdict(),
+  }
+
+
+def truncation_text(k1: int, k2: Any, style: str, artbp: ARTBP | None, delta: Any) -> str:
+  if delta is not None:
+    return f"adaptive TBPTT(k1={k1}, k2 in {list(k2)}, delta={delta:g}, {style})"
+  if artbp is not None:
+    return f"ARTBP(k1={k1}, k2={k2}, L0={artbp.mean_length:g}, alpha={artbp.alpha:g}, {style})"
+  return f"TBPTT(k1={k1}, k2={k2}, {style})"
+
+
+def timing(seconds: float, tokens: int, first_call: float | None, after: float | None) -> dict:
+  """The summary's keys for time: the whole run's, and without the first call (None when the
+  run made one call or none, so that nothing was measured after it)."""
+  return {
+    "seconds": round(seconds, 3),
+    "first_call_seconds": None if first_call is None else round(first_call, 3),
+    "tokens_per_s": round(tokens / seconds, 1),
+    "tokens_per_s_after_first_call": after,
+  }
+
+
+def final_loss(losses: Any) -> float:
+  """The mean training loss over the last 10% of updates (`losses`: one per update)."""
+  losses = np.asarray(losses)
+  return float(losses[-max(1, len(losses) // 10) :].mean())
+
+
+def write_summary(out: str, summary: dict) -> None:
+  _files.atomic_write(os.path.join(out, "summary.json"), json.dumps(summary, indent=2))
