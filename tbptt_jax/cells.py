@@ -341,6 +341,7 @@ def flax_cell(module: nn.RNNCellBase) -> Cell:
     >>> variables = cell.init(jax.random.key(0), x_t)
     >>> (c, h), y = cell.apply(variables, cell.initial_carry(x_t), x_t)
   """
+  _layers.refuse_foreign_cell("flax_cell", "module", module)
   if not isinstance(module, nn.Module) or not hasattr(module, "initialize_carry"):
     raise ValueError(
       "flax_cell: module must be a flax.linen recurrent cell with initialize_carry "
