@@ -20,7 +20,9 @@ long sequence in order. Modules, one idea each:
   data        word- and character-level corpora and vocabularies
   lm          language models: Zaremba et al. presets, perplexity, sampling
   synthetic   the r2rt synthetic task and its reference losses
-  cli         the `tbptt-jax` command
+  interop     cells and layers from Flax NNX, Equinox and Haiku: `interop.nnx_cell`, ...
+  tensorboard training metrics as TensorBoard event files: `TensorBoardWriter`
+  cli/        the `tbptt-jax` command (an application of the library; nothing imports it)
 
 The names below are the public API. Each module's other public names (such
 as `truncation.block_gradients`, `truncation.scan_blocks`, `unroll.scan_steps`)
@@ -33,6 +35,7 @@ from tbptt_jax import (
   checkpoint,
   data,
   diagnostics,
+  interop,
   lm,
   plots,
   sharding,
@@ -96,6 +99,7 @@ __all__ = (
   "data",
   "data_mesh",
   "diagnostics",
+  "interop",
   "elman",
   "elman_step",
   "feedforward",

@@ -107,7 +107,7 @@ def save_checkpoint(
     json.dumps(meta)
   except (TypeError, ValueError) as e:
     raise ValueError(f"{where}: meta must be JSON-able, got {e}") from None
-  directory = os.fspath(directory)
+  directory = os.path.abspath(os.fspath(directory))  # orbax takes absolute paths only
   step = int(state.step)
   final = os.path.join(directory, f"step_{step:010d}{SUFFIX}" if name is None else name + SUFFIX)
   folder = final if name is None else os.path.join(directory, f"{name}-{step:010d}{SUFFIX}")
@@ -214,6 +214,7 @@ def load_checkpoint(path: str | os.PathLike[str], like: TrainState) -> Checkpoin
   where = "load_checkpoint"
   path = os.fspath(path)
   manifest = _read_manifest(where, path)
+  path = os.path.abspath(path)  # orbax takes absolute paths only
   if not isinstance(like, TrainState):
     raise ValueError(f"{where}: like must be a tbptt_jax.TrainState, got {type(like).__name__}")
   typed_key = jax.dtypes.issubdtype(like.rng.dtype, jax.dtypes.prng_key)

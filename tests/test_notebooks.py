@@ -58,3 +58,9 @@ def test_notebook_on_real_text_runs_and_writes_its_figures(
 ):
   run_notebook(name, tmp_path, monkeypatch, TBPTT_JAX_DATA=str(shared_data))
   assert_figures(tmp_path, *figures)
+
+
+def test_other_libraries_runs_and_writes_its_figure(tmp_path, monkeypatch):
+  """NNX, Equinox and Haiku cells train the r2rt task (the test extra installs both)."""
+  run_notebook("other_libraries.ipynb", tmp_path, monkeypatch)
+  assert_figures(tmp_path, "other_libraries.png")
