@@ -1,6 +1,8 @@
-"""Shared fixtures: the folder of real corpora that some tests read."""
+"""Shared fixtures: the folder of real corpora that some tests read; the compiler's settings."""
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -24,3 +26,27 @@ def shared_data() -> Path:
       pytest.fail(message + " (CI=true: tests that need the data must run)")
     pytest.skip(message)
   return path
+
+
+def pytest_configure(config):
+  """XLA compilation is the suite's cost (tiny shapes, many programs). The session's processes
+  (xdist workers, the CLI runs and notebook kernels they start, which inherit the environment)
+  share a compilation cache, new and empty for each session: a program one of them compiled (the
+  CLI's default run, a model built again to restore a checkpoint) is read back by the next
+  instead of compiled again. The cache holds XLA's executables as compiled, so what runs is
+  unchanged. A cache folder set beforehand in the environment is used instead.
+  """
+  del config
+  controller = os.environ.get("PYTEST_XDIST_WORKER") is None
+  if controller and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    folder = tempfile.mkdtemp(prefix="tbptt_jax_test_xla_cache_")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = folder
+    os.environ["TBPTT_JAX_TEST_CACHE_MADE"] = folder  # removed at the end of the session
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
+
+def pytest_unconfigure(config):
+  del config
+  made = os.environ.get("TBPTT_JAX_TEST_CACHE_MADE")
+  if made and os.environ.get("PYTEST_XDIST_WORKER") is None:
+    shutil.rmtree(made, ignore_errors=True)

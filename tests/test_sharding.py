@@ -99,7 +99,8 @@ def free_port() -> int:
 
 def test_two_processes_train_like_one(tmp_path, capsys):
   """`tbptt-jax train` on 2 processes (jax.distributed, gloo) equals 1 process; process 0
-  alone writes, and its checkpoints hold the streams of both."""
+  alone writes the run's files, each process writes its own shards of the checkpoints (orbax, no
+  gather), and the checkpoints hold the streams of both."""
   argv = ["train", "--steps", "20", "--updates-per-call", "10", "--save-every", "10"]
   argv += ["--hidden", "8", "--batch-size", "8", "--json"]
   cluster = ["--coordinator", f"127.0.0.1:{free_port()}", "--num-processes", "2"]
@@ -136,7 +137,11 @@ def test_two_processes_train_like_one(tmp_path, capsys):
   ]
   for a, b in zip(jax.tree.leaves(params[0]), jax.tree.leaves(params[1]), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-  # The checkpoint gathered both processes' streams: it is the one-process state.
+  # Each process wrote its own shards (its streams' carry) into the same checkpoint.
+  shards = os.path.join(checkpoint.latest_checkpoint(two / "checkpoints"), "state")
+  for process in (0, 1):
+    assert os.listdir(os.path.join(shards, f"ocdbt.process_{process}", "d")), process
+  # Read back whole, the checkpoint holds both processes' streams: the one-process state.
   trainer = tbptt_jax.tbptt_trainer(
     synthetic.model(tbptt_jax.elman(8)),
     optax.softmax_cross_entropy_with_integer_labels,
