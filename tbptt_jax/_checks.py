@@ -161,3 +161,33 @@ def resets(where: str, value: Any, batch: int, time: int) -> None:
   dtype = np.dtype(getattr(value, "dtype", None) or np.asarray(value).dtype)
   if dtype != np.bool_:
     raise ValueError(f"{where}: resets must be boolean, got dtype {dtype}")
+
+
+def callable_arg(where: str, name: str, value: Any, expected: str) -> None:
+  """Raises unless `value` is callable; `expected` says what it should be."""
+  if not callable(value):
+    raise ValueError(f"{where}: {name} must be {expected}, got {type(value).__name__} {value!r}")
+
+
+def cell_parts(where: str, name: str, cell: Any) -> None:
+  """Raises unless every function of the Cell `cell` is callable (head, embed, scan: or None)."""
+  for part in ("init", "initial_carry", "apply"):
+    callable_arg(where, f"{name}.{part}", getattr(cell, part), "a function")
+  for part in ("head", "embed", "scan"):
+    if getattr(cell, part) is not None:
+      callable_arg(where, f"{name}.{part}", getattr(cell, part), "a function or None")
+
+
+def prng_key(where: str, name: str, value: Any) -> None:
+  """Raises unless `value` is a PRNG key: a typed key (`jax.random.key`) of shape (), or the
+  raw uint32 data of one (`jax.random.PRNGKey`, shape (2,) for the default generator)."""
+  dtype, shape = getattr(value, "dtype", None), np.shape(value)
+  if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key) and shape == ():
+    return
+  if dtype == np.uint32 and len(shape) == 1:
+    return
+  given = f"{type(value).__name__} {value!r}" if dtype is None else f"{dtype}{list(shape)}"
+  raise ValueError(
+    f"{where}: {name} must be a PRNG key such as jax.random.key(0) (or the raw uint32 data "
+    f"of one), got {given}"
+  )

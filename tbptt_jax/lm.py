@@ -97,12 +97,32 @@ class Preset(NamedTuple):
   test_ppl: float
 
 
+class _Presets(dict):
+  """The presets by name; a missing name is a KeyError that lists the valid ones."""
+
+  def __missing__(self, name: Any) -> Preset:
+    raise KeyError(f"no preset {name!r}; the presets are {', '.join(map(repr, self))}")
+
+
+def preset(name: str) -> Preset:
+  """The preset called `name` ("small", "medium" or "large").
+
+  Raises:
+    ValueError: naming the valid presets, for any other name.
+  """
+  if name not in PRESETS:
+    raise ValueError(f"preset: no preset {name!r}; the presets are {', '.join(map(repr, PRESETS))}")
+  return PRESETS[name]
+
+
 # Zaremba et al. (2014), Table 1 and section 4.1: 2 layers, batch 20, SGD.
-PRESETS = {
-  "small": Preset(200, 2, 20, 20, 0.1, 1.0, 4, 0.5, 5.0, 13, 0.0, 120.7, 114.5),
-  "medium": Preset(650, 2, 35, 20, 0.05, 1.0, 6, 1 / 1.2, 5.0, 39, 0.5, 86.2, 82.7),
-  "large": Preset(1500, 2, 35, 20, 0.04, 1.0, 14, 1 / 1.15, 10.0, 55, 0.65, 82.2, 78.4),
-}
+PRESETS = _Presets(
+  {
+    "small": Preset(200, 2, 20, 20, 0.1, 1.0, 4, 0.5, 5.0, 13, 0.0, 120.7, 114.5),
+    "medium": Preset(650, 2, 35, 20, 0.05, 1.0, 6, 1 / 1.2, 5.0, 39, 0.5, 86.2, 82.7),
+    "large": Preset(1500, 2, 35, 20, 0.04, 1.0, 14, 1 / 1.15, 10.0, 55, 0.65, 82.2, 78.4),
+  }
+)
 
 
 def language_model(config: LMConfig) -> Cell:
@@ -327,7 +347,26 @@ def zaremba_sgd(
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
-  """Per-example negative log-likelihood in nats, `[batch]`: the training loss."""
+  """Per-example negative log-likelihood in nats, `[batch]`: the training loss.
+
+  Args:
+    logits: `[batch, vocab]`, floating point.
+    targets: `[batch]` integer token ids.
+
+  Raises:
+    ValueError: if `logits` are not floating point or `targets` not integers (e.g. the two
+      swapped), naming which (checked when traced, so free under `jax.jit`).
+  """
+  if not jnp.issubdtype(jnp.result_type(logits), jnp.floating):
+    raise ValueError(
+      f"cross_entropy: logits must be floating point [batch, vocab], got {jnp.result_type(logits)}"
+      f"{list(jnp.shape(logits))} (are logits and targets swapped?)"
+    )
+  if not jnp.issubdtype(jnp.result_type(targets), jnp.integer):
+    raise ValueError(
+      f"cross_entropy: targets must be integer token ids [batch], got "
+      f"{jnp.result_type(targets)}{list(jnp.shape(targets))}"
+    )
   return optax.softmax_cross_entropy_with_integer_labels(logits, targets)
 
 

@@ -198,7 +198,31 @@ def tbptt_trainer(
   else:
     jitted = jax.jit(update, donate_argnums=0)
   k2s = tuple(t.k2 for t in config.truncations)
-  return Trainer(init, jitted, reset, functools.partial(_set_k2, config), k2s)
+  return Trainer(init, _LiveStateUpdate(jitted), reset, functools.partial(_set_k2, config), k2s)
+
+
+class _LiveStateUpdate:
+  """The jitted `update`, refusing, in one line, a state whose buffers an earlier call took.
+
+  `update` donates its state (its buffers are reused for the new one), so a state passed to
+  it once is gone; XLA's own error for it names neither the cause nor the fix. Everything
+  else (`lower`, `_cache_size`, ...) is the jitted function's.
+  """
+
+  def __init__(self, jitted: Callable[..., Any]) -> None:
+    self._jitted = jitted
+
+  def __call__(self, state: TrainState, *args: Any, **kwargs: Any) -> Any:
+    if any(isinstance(a, jax.Array) and a.is_deleted() for a in jax.tree.leaves(state)):
+      raise ValueError(
+        "update: this state was already passed to update, which took its buffers (it donates "
+        "them to the new state): use the state that call returned, "
+        "`state, metrics = trainer.update(state, ...)`"
+      )
+    return self._jitted(state, *args, **kwargs)
+
+  def __getattr__(self, name: str) -> Any:
+    return getattr(self._jitted, name)
 
 
 class _Config(NamedTuple):
@@ -233,10 +257,14 @@ def _configure(
   where = "tbptt_trainer"
   if not isinstance(model, Cell):
     raise ValueError(f"{where}: model must be a tbptt_jax.Cell, got {type(model).__name__}")
+  _checks.cell_parts(where, "model", model)
+  _checks.callable_arg(where, "loss_fn", loss_fn, "a function loss_fn(out, target) -> [batch]")
   if not isinstance(optimizer, optax.GradientTransformation):
     raise ValueError(
       f"{where}: optimizer must be an optax.GradientTransformation, got {type(optimizer).__name__}"
     )
+  _checks.callable_arg(where, "optimizer.init", optimizer.init, "a function")
+  _checks.callable_arg(where, "optimizer.update", optimizer.update, "a function")
   k1 = _checks.positive_int(where, "k1", k1)
   k2s = _checks.k2_set(where, "k2", k1 if k2 is None else k2)
   truncations = tuple(Truncation(*_checks.truncation(where, k1, k, style)) for k in k2s)
@@ -281,6 +309,7 @@ def _start(config: _Config, x_t: Any) -> StreamState:
 
 
 def _init(config: _Config, rng: jax.Array, inputs: Any) -> TrainState:
+  _checks.prng_key("init", "rng", rng)
   _checks.batch_time("init", "inputs", inputs)
   inputs = jax.tree.map(lambda a: jnp.asarray(a)[:, :1], inputs)
   rng, inputs = _with_rngs(config, rng, inputs)

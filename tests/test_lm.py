@@ -254,6 +254,22 @@ def test_sample_is_reproducible_and_in_range():
   assert greedy[0] == int(jnp.argmax(model.head(params, h_t)[0]))
 
 
+def test_presets_are_looked_up_by_a_function_that_lists_them():
+  assert lm.preset("small") is lm.PRESETS["small"]
+  with pytest.raises(ValueError, match="preset: no preset 'tiny'; the presets are 'small', "):
+    lm.preset("tiny")
+  with pytest.raises(KeyError, match="no preset 'tiny'; the presets are 'small', 'medium'"):
+    lm.PRESETS["tiny"]
+
+
+def test_cross_entropy_names_float_targets_and_swapped_arguments():
+  logits, targets = jnp.zeros((BATCH, VOCAB)), jnp.array([0, 3, 10])
+  with pytest.raises(ValueError, match=r"targets must be integer token ids \[batch\], got float32"):
+    lm.cross_entropy(logits, targets.astype(jnp.float32))
+  with pytest.raises(ValueError, match=r"logits must be floating point .* swapped"):
+    lm.cross_entropy(targets, logits)
+
+
 @pytest.mark.parametrize(
   "call,message",
   [

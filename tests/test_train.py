@@ -362,6 +362,16 @@ def test_r2rt_task_separates_truncations():
     (dict(remat=0), r"remat must be an integer >= 1, got 0"),
     (dict(model=lambda p, c, x: (c, x)), r"model must be a tbptt_jax.Cell"),
     (dict(optimizer=0.1), r"optimizer must be an optax.GradientTransformation"),
+    (dict(loss_fn=None), r"loss_fn must be a function loss_fn\(out, target\) -> \[batch\], got"),
+    (dict(optimizer=optax.GradientTransformation(None, None)), r"optimizer.init must be a"),
+    (
+      dict(model=tbptt_jax.Cell(lambda r, x: {}, lambda x: (), "apply")),
+      r"model.apply must be a function, got str 'apply'",
+    ),
+    (
+      dict(model=make_model()._replace(head=1)),
+      r"model.head must be a function or None, got int 1",
+    ),
   ],
 )
 def test_bad_configuration(kwargs, message):
@@ -374,6 +384,12 @@ def test_bad_configuration(kwargs, message):
 def test_bad_update_input():
   trainer = tbptt_jax.tbptt_trainer(make_model(), loss_fn, optax.sgd(0.1), k1=2)
   x, y = data(4)
+  for bad, given in ((0, "int 0"), (np.zeros(2, np.int32), r"int32\[2\]")):
+    with pytest.raises(ValueError, match=r"init: rng must be a PRNG key such as jax.random.key"):
+      trainer.init(bad, x)
+    with pytest.raises(ValueError, match=given):
+      trainer.init(bad, x)
+  trainer.init(jax.random.PRNGKey(0), x)  # the raw uint32 data of a key is a key too
   state = trainer.init(jax.random.key(0), x)
   with pytest.raises(ValueError, match=r"targets must have \[batch, time\] = \[3, 4\]"):
     trainer.update(state, x, y[:, :3])
@@ -392,3 +408,8 @@ def test_bad_update_input():
     trainer.update(state, x.astype(np.int32), y)
   with pytest.raises(ValueError, match=r"resets must have shape \[batch, time\] = \[3, 4\]"):
     trainer.update(state, x, y, np.zeros((3, 2), bool))
+  # A state passed to update once was donated: reusing it is explained, not XLA's error.
+  new_state, _ = trainer.update(state, x, y)
+  with pytest.raises(ValueError, match=r"update: this state was already passed to update"):
+    trainer.update(state, x, y)
+  trainer.update(new_state, x, y)  # the returned state goes on

@@ -144,7 +144,7 @@ def _take_defaults(args: argparse.Namespace) -> lm.Preset:
     raise ValueError("--task lm needs --data DIR, a folder of train/valid/test text files")
   if args.steps is not None:
     raise ValueError("--steps applies to --task r2rt; --task lm trains for --epochs")
-  preset = lm.PRESETS[args.preset]
+  preset = lm.preset(args.preset)
   defaults = {
     "k1": preset.k,
     "batch_size": preset.batch_size,
