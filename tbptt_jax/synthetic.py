@@ -26,6 +26,7 @@ from tbptt_jax.cells import Cell, feedforward, stack
 from tbptt_jax.streams import batchify
 
 LAGS = (3, 8)  # the dependencies: X_{t-3} and X_{t-8}
+CLASSES = 2  # X_t and Y_t are bits
 
 
 class ReferenceLosses(NamedTuple):
@@ -105,9 +106,9 @@ def model(*cells: Cell) -> Cell:
     >>> model(elman(4))
   """
   return stack(
-    feedforward(functools.partial(jax.nn.one_hot, num_classes=2)),
+    feedforward(functools.partial(jax.nn.one_hot, num_classes=CLASSES)),
     *cells,
-    feedforward(nn.Dense(2)),
+    feedforward(nn.Dense(CLASSES)),
   )
 
 

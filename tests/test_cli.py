@@ -119,6 +119,7 @@ def test_json_summary_and_outputs(tmp_path, capsys):
   assert [r["clipped"] == "True" for r in rows] == clipped
   assert summary["clipped_fraction"] == pytest.approx(np.mean(clipped))
   assert summary["nonfinite_updates"] == 0
+  assert summary["diverged"] is False and summary["uniform_loss"] == round(np.log(2), 5)
   # The last 10% of updates' losses give final_loss.
   tail = [float(r["loss"]) for r in rows[-3:]]
   np.testing.assert_allclose(summary["final_loss"], np.mean(tail), atol=1e-5)
@@ -233,6 +234,23 @@ def test_r2rt_run_extended_with_resume_equals_the_longer_run(tmp_path, capsys):
   status, _, stderr = run(["train", "--out", str(short), "--resume", "--steps", "10"], capsys)
   assert status == 2 and stderr.count("\n") == 1
   assert "--resume: --steps 10 is below the run's 20" in stderr
+
+
+def test_a_diverged_run_says_so_and_exits_3(tmp_path, capsys):
+  """A run that ends above a uniform prediction's loss (log 2 nats here) finishes, writes its
+  files, and says it diverged: in the summary, on stderr, and in its exit status."""
+  argv = ["train", "--steps", "20", "--updates-per-call", "10", "--hidden", "3"]
+  argv += ["--batch-size", "8", "--lr", "1e6", "--out", str(tmp_path), "--json"]
+  status, stdout, stderr = run(argv, capsys)
+  summary = json.loads(stdout.strip().splitlines()[-1])
+  assert status == 3, stderr
+  assert summary["diverged"] is True and summary["final_loss"] > np.log(2)
+  assert json.loads((tmp_path / "summary.json").read_text()) == summary
+  warning = [line for line in stderr.splitlines() if "warning" in line]
+  assert warning == [
+    f"tbptt-jax: warning: the run diverged: its final loss, {summary['final_loss']} nats, is "
+    f"above {summary['uniform_loss']} nats, a uniform prediction's; exit status 3"
+  ]
 
 
 def test_out_must_be_a_folder(tmp_path, capsys):
@@ -350,6 +368,7 @@ def test_language_model_train_then_eval(lm_run, shared_data, capsys):
   assert summary["steps"] == 2 * 75
   assert 1 < summary["test_ppl"] < 10_000 and 1 < summary["valid_ppl"] < 10_000
   assert summary["reference"] == {"valid_ppl": 120.7, "test_ppl": 114.5}  # PTB: Zaremba's
+  assert summary["diverged"] is False and summary["uniform_loss"] == round(np.log(10_000), 5)
   records = epoch_records(out)
   assert [r["epoch"] for r in records] == [1, 2]
   for r in records:  # the gradient's story per epoch, clipped at Zaremba's 5 / k1 on the mean loss

@@ -393,7 +393,7 @@ def _finish(task: _Task, run: loop.Run, state: TrainState, position: dict, best:
     )
   if task.args.json:
     print(json.dumps(summary))
-  return 0
+  return report.exit_status(summary)
 
 
 def _summary(
@@ -439,6 +439,7 @@ def _summary(
     **report.timing(run.clock.seconds(), tokens, run.clock.first_call_seconds, after),
     "train_tokens_per_s": round(tokens / train_seconds, 1),
     "final_loss": round(report.final_loss(run.log.joined().loss), 5),
+    **report.divergence(report.final_loss(run.log.joined().loss), len(task.vocab)),
     "best_epoch": best.epoch,
     "valid_ppl": round(math.exp(best.valid_loss), 3),
     "test_ppl": round(test.perplexity, 3),

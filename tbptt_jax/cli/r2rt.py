@@ -102,7 +102,7 @@ def train(
     print(f"wrote {out}/summary.json, {session.UPDATE_LOG}, params.msgpack, checkpoints/")
   if args.json:
     print(json.dumps(summary))
-  return 0
+  return report.exit_status(summary)
 
 
 def _take_defaults(args: argparse.Namespace) -> None:
@@ -182,6 +182,7 @@ def _summary(
     "tokens": tokens,
     **report.timing(run.clock.seconds(), tokens, run.clock.first_call_seconds, after),
     "final_loss": round(report.final_loss(history.loss), 5),
+    **report.divergence(report.final_loss(history.loss), synthetic.CLASSES),
     **report.gradients(history),
     "reference_losses": {k: round(v, 4) for k, v in levels._asdict().items()},
     "backend": jax.default_backend(),

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import sys
 from typing import Any
 
 import numpy as np
 
 from tbptt_jax import _files
 from tbptt_jax.artbp import ARTBP
+from tbptt_jax.cli.flags import PROG
 from tbptt_jax.train import TrainState, UpdateMetrics
 
 
@@ -63,3 +66,30 @@ def final_loss(losses: Any) -> float:
 
 def write_summary(out: str, summary: dict) -> None:
   _files.atomic_write(os.path.join(out, "summary.json"), json.dumps(summary, indent=2))
+
+
+# The exit status of a run that finished but diverged; everything is written as usual.
+DIVERGED_STATUS = 3
+
+
+def divergence(final_loss: float, classes: int) -> dict:
+  """The summary's keys for divergence: `diverged` is true when the final training loss is not
+  finite or is above `uniform_loss` = log(classes), the loss of a uniform prediction, which a
+  classifier starts near and any training should go below."""
+  uniform = math.log(classes)
+  return {
+    "diverged": bool(not math.isfinite(final_loss) or final_loss > uniform),
+    "uniform_loss": round(uniform, 5),
+  }
+
+
+def exit_status(summary: dict) -> int:
+  """0, or `DIVERGED_STATUS` after a warning on stderr when the run diverged."""
+  if not summary["diverged"]:
+    return 0
+  print(
+    f"{PROG}: warning: the run diverged: its final loss, {summary['final_loss']} nats, is above "
+    f"{summary['uniform_loss']} nats, a uniform prediction's; exit status {DIVERGED_STATUS}",
+    file=sys.stderr,
+  )
+  return DIVERGED_STATUS
