@@ -333,6 +333,10 @@ class Corpus(NamedTuple):
   valid: np.ndarray  # shape=[n_valid], int32
   test: np.ndarray  # shape=[n_test], int32
   vocab: Vocabulary
+  # (train, valid, test): the fraction of each split's tokens that the vocabulary does not hold
+  # as written, so encoded as its unk. An unk written in the text (PTB's "<unk>") is a token of
+  # the vocabulary and is not counted: this is what the vocabulary fails to cover.
+  unknown: tuple[float, float, float] = (0.0, 0.0, 0.0)
 
 
 def _read_bytes(where: str, path: Path) -> bytes:
@@ -422,7 +426,8 @@ def read_corpus(
     vocab: an optional `Vocabulary` of the same level to encode with.
 
   Returns:
-    A `Corpus` of int32 arrays `train`, `valid`, `test` and the `vocab`.
+    A `Corpus` of int32 arrays `train`, `valid`, `test`, the `vocab`, and the
+    fraction of each split's tokens the vocabulary does not hold (`unknown`).
 
   Example:
     >>> corpus = read_corpus("data/ptb")  # doctest: +SKIP
@@ -447,7 +452,9 @@ def read_corpus(
     except ValueError as e:
       raise ValueError(f"{where}: {source}: {e}") from None
   train, valid, test = arrays
-  return Corpus(train, valid, test, vocab)
+  known = set(vocab.tokens)
+  unknown = [sum(t not in known for t in tokens) / max(1, len(tokens)) for tokens in splits]
+  return Corpus(train, valid, test, vocab, (unknown[0], unknown[1], unknown[2]))
 
 
 def _check_vocab_argument(where: str, vocab: Any, level: str) -> None:

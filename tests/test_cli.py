@@ -369,6 +369,10 @@ def test_language_model_train_then_eval(lm_run, shared_data, capsys):
   assert 1 < summary["test_ppl"] < 10_000 and 1 < summary["valid_ppl"] < 10_000
   assert summary["reference"] == {"valid_ppl": 120.7, "test_ppl": 114.5}  # PTB: Zaremba's
   assert summary["diverged"] is False and summary["uniform_loss"] == round(np.log(10_000), 5)
+  # PTB's vocabulary covers its valid and test text: nothing unknown, no warning.
+  assert summary["unknown_fraction"] == {"valid": 0.0, "test": 0.0}
+  assert "valid: 0.00% of the tokens are not in the vocabulary (read as <unk>)" in lm_run.output
+  assert "warning" not in lm_run.output
   records = epoch_records(out)
   assert [r["epoch"] for r in records] == [1, 2]
   for r in records:  # the gradient's story per epoch, clipped at Zaremba's 5 / k1 on the mean loss
@@ -399,6 +403,21 @@ def test_language_model_train_then_eval(lm_run, shared_data, capsys):
   result = json.loads(stdout.strip().splitlines()[-1])
   assert (result["split"], result["tokens"]) == ("test", 10 * (20_000 // 10 - 1))
   assert result["ppl"] == pytest.approx(summary["test_ppl"], rel=1e-4)
+  assert result["unknown_fraction"] == {"test": 0.0} and "warning" not in stderr
+
+  # On a corpus its vocabulary does not fit, the perplexity comes with a warning.
+  status, stdout, stderr = run(
+    ["eval", "--data", str(shared_data / "tinyshakespeare"), "--checkpoint", str(out), "--json"]
+    + ["--eval-tokens", "20000"],
+    capsys,
+  )
+  assert status == 0, stderr
+  unknown = json.loads(stdout.strip().splitlines()[-1])["unknown_fraction"]["test"]
+  assert unknown > 0.05
+  assert (
+    f"tbptt-jax: warning: {unknown:.1%} of the test split's tokens are not in the vocabulary "
+    "(over 5%): its perplexity is not comparable with others'"
+  ) in stderr
 
 
 def test_language_model_progress_bar_is_gone_before_each_epoch_line(lm_run):

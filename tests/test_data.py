@@ -56,6 +56,11 @@ def test_ptb_has_the_standard_figures(ptb):
   assert [_count(s, ptb.vocab, data.UNK) for s in splits] == [45_020, 3_485, 4_794]
 
 
+def test_ptb_vocabulary_covers_its_valid_and_test_text(ptb):
+  """PTB's splits write "<unk>" where the word was rare: a token of the vocabulary, not unknown."""
+  assert ptb.unknown == (0.0, 0.0, 0.0)
+
+
 def test_ptb_ids_follow_train_frequency(ptb):
   counts = np.bincount(ptb.train, minlength=len(ptb.vocab))
   assert np.all(np.diff(counts) <= 0)
@@ -270,6 +275,15 @@ def test_read_corpus_word_level(tmp_path):
   assert vocab.decode(corpus.valid) == ["a", "<unk>", "<eos>"]  # d is not in train
   np.testing.assert_array_equal(corpus.test, [2, 0])
   assert all(s.dtype == np.int32 for s in corpus[:3])
+  # Valid's d (1 of 3 tokens) is not in the vocabulary; test's tokens all are.
+  assert corpus.unknown == (0.0, 1 / 3, 0.0)
+
+
+def test_an_unk_written_in_the_text_is_not_counted_unknown(tmp_path):
+  folder = _write_set(tmp_path / "c", "a <unk> b\n", "<unk> c\n", "x y a\n")
+  corpus = data.read_corpus(folder)
+  assert corpus.vocab.decode(corpus.valid) == ["<unk>", "<unk>", "<eos>"]  # c was not in train
+  assert corpus.unknown == (0.0, 1 / 3, 2 / 4)
 
 
 def test_read_corpus_recognises_each_layout_in_order(tmp_path):

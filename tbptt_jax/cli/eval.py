@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 from tbptt_jax import checkpoint, lm
+from tbptt_jax.cli import report
 from tbptt_jax.cli.lm import check_eval_split
 from tbptt_jax.data import Vocabulary, read_corpus
 
@@ -53,6 +54,8 @@ def run(args: argparse.Namespace) -> int:
   except ValueError as e:
     raise ValueError(f"--data: {e}") from None
   tokens = getattr(corpus, args.split)[: args.eval_tokens]
+  split_unknown = corpus.unknown[("train", "valid", "test").index(args.split)]
+  coverage = report.vocabulary_coverage({args.split: split_unknown}, vocab.unk)
   check_eval_split(tokens, args.eval_batch_size, args.split)
   start = time.perf_counter()
   result = lm.evaluator(lm.language_model(config), batch_size=args.eval_batch_size)(params, tokens)
@@ -67,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
     "bits_per_token": result.bits_per_token,
     "eval_batch_size": args.eval_batch_size,
     "seconds": round(seconds, 3),
+    **coverage,
   }
   print(
     f"{args.split}: perplexity {result.perplexity:.2f} ({result.bits_per_token:.4f} bits per "

@@ -73,6 +73,7 @@ class _Task(NamedTuple):
   train_tokens: int  # training tokens read
   updates_per_epoch: int
   evaluate: Callable[[Any, Any], lm.Evaluation]
+  coverage: dict  # the summary's `unknown_fraction` of valid and test (report.vocabulary_coverage)
   k2: Any  # the trainer's k2: an int, or the set of an adaptive run
   artbp: Any  # the `ARTBP` schedule, or None
   mesh: Any  # the devices' mesh, or None for one device
@@ -209,6 +210,9 @@ def _setup(args: argparse.Namespace, preset: lm.Preset, k2: Any, artbp: Any, mes
     train_tokens=len(train_tokens),
     updates_per_epoch=updates_per_epoch,
     evaluate=devices.on_one_device(mesh, lm.evaluator(model, batch_size=args.eval_batch_size)),
+    coverage=report.vocabulary_coverage(
+      {"valid": corpus.unknown[1], "test": corpus.unknown[2]}, corpus.vocab.unk
+    ),
     k2=k2,
     artbp=artbp,
     mesh=mesh,
@@ -446,6 +450,7 @@ def _summary(
     "test_bits_per_token": round(test.bits_per_token, 4),
     "eval_batch_size": args.eval_batch_size,
     "eval_tokens": args.eval_tokens,
+    **task.coverage,
     # Zaremba et al.'s perplexities are for PTB words only.
     "reference": {"valid_ppl": preset.valid_ppl, "test_ppl": preset.test_ppl}
     if args.level == "word" and os.path.isfile(os.path.join(args.data, "ptb.train.txt"))

@@ -93,3 +93,25 @@ def exit_status(summary: dict) -> int:
     file=sys.stderr,
   )
   return DIVERGED_STATUS
+
+
+# Above this fraction of tokens outside the vocabulary, a perplexity is not comparable.
+UNKNOWN_WARNING = 0.05
+
+
+def vocabulary_coverage(unknown: dict[str, float], unk: str | None) -> dict:
+  """The summary's `unknown_fraction` of each split evaluated (`unknown`: split -> the fraction
+  of its tokens the vocabulary does not hold as written, `Corpus.unknown`), also on stderr,
+  with a warning for a split above `UNKNOWN_WARNING`."""
+  for split, fraction in unknown.items():
+    print(
+      f"{PROG}: {split}: {fraction:.2%} of the tokens are not in the vocabulary (read as {unk})",
+      file=sys.stderr,
+    )
+    if fraction > UNKNOWN_WARNING:
+      print(
+        f"{PROG}: warning: {fraction:.1%} of the {split} split's tokens are not in the "
+        f"vocabulary (over {UNKNOWN_WARNING:.0%}): its perplexity is not comparable with others'",
+        file=sys.stderr,
+      )
+  return {"unknown_fraction": {split: round(f, 6) for split, f in unknown.items()}}
