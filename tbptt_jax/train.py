@@ -359,11 +359,13 @@ def _one_update(config: _Config, reset_carry: Carry, state: TrainState, block: A
     grads, _ = clip.update(grads, clip.init(state.params))
   updates, opt_state = config.optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  # A NaN or inf anywhere makes the norm non-finite: no second pass over the gradient.
-  finite = jnp.isfinite(grad_norm)
+  # A NaN or inf anywhere in the gradient makes its norm non-finite: no pass over the gradient.
+  # One in the optimizer's update (a NaN learning rate, an overflowing moment) reaches the new
+  # parameters, so checking them covers both; XLA fuses that check into apply_updates' loop.
+  finite = jnp.isfinite(grad_norm) & _all_finite(params)
   if config.skip_nonfinite:
-    # A NaN or inf gradient never reaches the parameters: the update is skipped
-    # (params, optimizer state and step unchanged); the streams still move on.
+    # A NaN or inf never reaches the parameters: the update is skipped (params,
+    # optimizer state and step unchanged); the streams still move on.
     params, opt_state = jax.tree.map(
       lambda new, old: jnp.where(finite, new, old),
       (params, opt_state),
@@ -386,6 +388,16 @@ def _one_update(config: _Config, reset_carry: Carry, state: TrainState, block: A
     k2=jnp.asarray([t.k2 for t in config.truncations], jnp.int32)[index],
   )
   return state, metrics
+
+
+def _all_finite(tree: Any) -> jax.Array:
+  """Whether every floating-point array of `tree` holds finite numbers only (a scalar bool)."""
+  checks = [
+    jnp.all(jnp.isfinite(leaf))
+    for leaf in jax.tree.leaves(tree)
+    if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)
+  ]
+  return functools.reduce(jnp.logical_and, checks, jnp.asarray(True))
 
 
 def _gradients(config: _Config, reset_carry: Carry, state: TrainState, block: Block):

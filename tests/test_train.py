@@ -222,6 +222,15 @@ def test_gradient_clipping_and_its_metrics_and_the_nonfinite_guard():
   state, _ = unguarded.update(unguarded.init(jax.random.key(4), x), poisoned, y[:, 4:])
   assert not np.isfinite(np.asarray(jax.tree.leaves(state.params)[0])).all()
 
+  # A finite gradient whose optimizer update is not finite (a NaN learning rate) is skipped too.
+  for optimizer in (optax.sgd(float("nan")), optax.adam(float("nan"))):
+    trainer = tbptt_jax.tbptt_trainer(make_model(), loss_fn, optimizer, k1=4)
+    state = trainer.init(jax.random.key(4), x)
+    start = jax.tree.map(np.array, (state.params, state.opt_state, state.step))
+    state, metrics = trainer.update(state, x, y)
+    assert np.isfinite(metrics.grad_norm).all() and metrics.nonfinite.tolist() == [True, True]
+    chex.assert_trees_all_equal((state.params, state.opt_state, state.step), start)
+
   # Without clipping, the norm the optimizer gets is the gradient's own.
   trainer = tbptt_jax.tbptt_trainer(make_model(), loss_fn, optax.sgd(lr), k1=4)
   _, metrics = trainer.update(trainer.init(jax.random.key(4), x), x, y)
