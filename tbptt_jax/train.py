@@ -78,7 +78,7 @@ class UpdateMetrics(NamedTuple):
   grad_norm: jax.Array  # global norm of the TBPTT gradient, before clipping
   clipped_grad_norm: jax.Array  # global norm of the gradient the optimizer received
   clipped: jax.Array  # bool: grad_norm exceeded max_grad_norm, so clipping scaled it down
-  nonfinite: jax.Array  # bool: the gradient held a NaN or an infinity (its norm is not finite)
+  nonfinite: jax.Array  # bool: a NaN or inf in the gradient or the new parameters: skipped
   k2: jax.Array  # int32: the update's window (`TrainState.k2`, or ARTBP's choice from a set)
 
 
@@ -155,7 +155,9 @@ def tbptt_trainer(
       window that re-runs a step replays the step's randomness exactly.
     skip_nonfinite: if True (the default), an update whose gradient holds a
       NaN or an infinity (its global norm is then not finite; so is a norm
-      that overflows) is skipped: parameters, optimizer state and `step` stay
+      that overflows), or whose optimizer update does (a NaN learning rate:
+      seen in the new parameters, which it reaches), is skipped: parameters,
+      optimizer state and `step` stay
       as they were (the carry still moves on with the data), and the update's
       `UpdateMetrics.nonfinite` says so. If False, it is applied.
     remat: if set, backward windows run in `jax.checkpoint`-ed segments of

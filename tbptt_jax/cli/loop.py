@@ -115,13 +115,14 @@ class NonfiniteGuard:
       if bad and not self.seen_gradient:
         self.seen_gradient = True
         write(
-          f"update {first + i}: the gradient holds NaN or inf; update skipped, parameters kept",
+          f"update {first + i}: the gradient or the update holds NaN or inf; update skipped, "
+          "parameters kept",
           sys.stderr,
         )
       if self.streak >= self.limit:
         return (
-          f"{self.streak} updates in a row (to update {first + i}) had NaN or inf gradients "
-          f"(--max-nonfinite {self.limit}); the parameters are those before them"
+          f"{self.streak} updates in a row (to update {first + i}) had NaN or inf gradients or "
+          f"updates (--max-nonfinite {self.limit}); the parameters are those before them"
         )
     return None
 
