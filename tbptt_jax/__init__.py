@@ -6,6 +6,7 @@ the start of each backward window; a jitted update consumes the chunks of a
 long sequence in order. Modules, one idea each:
 
   cells       the cell contract; the Elman cell; Flax cells; stacking
+  linear_rnn  the Linear Recurrent Unit `lru` (Orvieto et al. 2023), windows as a parallel scan
   unroll      lax.scan over time, carry in / carry out, resets
   truncation  TBPTT(k1, k2), window and per-loss styles: `Truncation`, the
               engine `cell_gradients` and its loose-function form `tbptt_gradients`
@@ -36,6 +37,7 @@ from tbptt_jax import (
   data,
   diagnostics,
   interop,
+  linear_rnn,
   lm,
   plots,
   sharding,
@@ -59,6 +61,8 @@ from tbptt_jax.cells import full_step as full_step
 from tbptt_jax.cells import stack as stack
 from tbptt_jax.cells import with_embed as with_embed
 from tbptt_jax.cells import with_head as with_head
+from tbptt_jax.linear_rnn import LRUParams as LRUParams
+from tbptt_jax.linear_rnn import lru as lru
 from tbptt_jax.sharding import data_mesh as data_mesh
 from tbptt_jax.streams import batchify as batchify
 from tbptt_jax.streams import iterate_chunks as iterate_chunks
@@ -82,6 +86,7 @@ __all__ = (
   "Cell",
   "ElmanParams",
   "K2Choice",
+  "LRUParams",
   "Lookback",
   "StreamState",
   "TrainState",
@@ -107,7 +112,9 @@ __all__ = (
   "from_step",
   "full_step",
   "iterate_chunks",
+  "linear_rnn",
   "lm",
+  "lru",
   "plots",
   "sharding",
   "stack",

@@ -1,0 +1,194 @@
+r"""The Linear Recurrent Unit (LRU) of Orvieto et al. (2023), as a `Cell` whose windows run as
+a parallel scan.
+
+A diagonal, complex, linear recurrence with a real read-out (Orvieto, Smith, Gu, Fernando,
+Gulcehre, Pascanu & De, "Resurrecting Recurrent Neural Networks for Long Sequences", ICML 2023):
+
+    lambda = exp(-exp(nu) + i exp(theta))          (one complex eigenvalue per state unit)
+    h_t    = lambda * h_{t-1} + gamma * (B x_t)     (gamma = exp(gamma_log), elementwise)
+    y_t    = Re(C h_t) + D * x_t                    (D: the skip term, elementwise)
+
+with h_t in C^N, B in C^{N x H}, C in C^{H x N}, D in R^H. The exponential parametrisation keeps
+|lambda| = exp(-exp(nu)) in (0, 1): the recurrence is stable whatever the optimizer does to nu.
+At initialisation (the paper's section 3.3 and appendix A) lambda is drawn uniformly on the
+ring r_min <= |lambda| <= r_max with phase in [0, max_phase]; gamma = sqrt(1 - |lambda|^2)
+normalises each unit's input so that its state has the variance of its input under white
+noise; B and C are complex Glorot-normal, D standard normal.
+
+Because the recurrence is linear, the states of a window of T steps are the prefix products
+of the affine maps h -> lambda h + b_t, an associative operation
+
+    (a_1, b_1) . (a_2, b_2) = (a_2 a_1, a_2 b_1 + b_2),
+
+so `jax.lax.associative_scan` computes them in O(log T) parallel depth instead of T dependent
+steps (Blelloch 1990; Martin & Cundy 2018; S5, Smith et al. 2023). The carry entering the
+window folds into the first step, b_1 = lambda h_0 + gamma B x_1, so a window starts from the
+carry the engine hands it: exact TBPTT(k1, k2) with the state carried between chunks. The
+engine runs windows that hold a reset, or padding, through `apply` one step at a time (its
+generic path), where the state restarts from the initial carry and no gradient crosses it.
+
+The carry is the real and imaginary parts of h, `(h_re, h_im)`, each `[batch, N]`: real arrays,
+as every part of the library (diagnostics, sharding, checkpoints) expects.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from tbptt_jax import _checks
+from tbptt_jax.cells import Cell
+
+
+class LRUParams(NamedTuple):
+  """The LRU's parameters; complex matrices as their real and imaginary parts."""
+
+  nu_log: jax.Array  # [N]: |lambda| = exp(-exp(nu_log))
+  theta_log: jax.Array  # [N]: arg(lambda) = exp(theta_log)
+  gamma_log: jax.Array  # [N]: the input normalisation, log sqrt(1 - |lambda|^2) at init
+  B_re: jax.Array  # [H, N]: input matrix (transposed: x_t @ B is B x_t for a batch of rows)
+  B_im: jax.Array  # [H, N]
+  C_re: jax.Array  # [N, H]: output matrix (transposed likewise)
+  C_im: jax.Array  # [N, H]
+  D: jax.Array  # [H]: the skip term
+
+
+class _Settings(NamedTuple):
+  state_size: int
+  r_min: float
+  r_max: float
+  max_phase: float
+  param_dtype: Any
+
+
+def lru(
+  state_size: int,
+  *,
+  r_min: float = 0.0,
+  r_max: float = 1.0,
+  max_phase: float = 2 * math.pi,
+  param_dtype: Any = jnp.float32,
+) -> Cell:
+  """An LRU layer of `state_size` complex units, as a `Cell` (see the module docstring).
+
+  Its output has the size of its input (the skip term D x_t needs it): stack a
+  `feedforward` layer before or after it to change sizes, as the paper does.
+
+  Args:
+    state_size: N, the number of complex state units.
+    r_min, r_max: the ring |lambda| is drawn from at initialisation,
+      0 <= r_min < r_max <= 1 (the paper's defaults: 0 and 1; 0.9 and 0.999
+      for its long-range tasks).
+    max_phase: arg(lambda) is drawn from [0, max_phase] (default 2 pi).
+    param_dtype: dtype of the parameters and of the carry.
+
+  Returns:
+    A `Cell` with `apply` (one step) and `scan` (a window as an associative
+    scan, the same function); input steps are `[batch, H]`.
+
+  Example:
+    >>> cell = lru(32, r_min=0.9, r_max=0.999)
+    >>> x_t = jnp.ones((4, 8))
+    >>> params = cell.init(jax.random.key(0), x_t)
+    >>> carry, y_t = cell.apply(params, cell.initial_carry(x_t), x_t)
+    >>> y_t.shape
+    (4, 8)
+
+  References:
+    A. Orvieto, S. L. Smith, A. Gu, A. Fernando, C. Gulcehre, R. Pascanu and
+    S. De, "Resurrecting Recurrent Neural Networks for Long Sequences", ICML 2023.
+  """
+  where = "lru"
+  state_size = _checks.positive_int(where, "state_size", state_size)
+  if not 0.0 <= r_min < r_max <= 1.0:
+    raise ValueError(
+      f"{where}: r_min and r_max must satisfy 0 <= r_min < r_max <= 1, got r_min={r_min!r}, "
+      f"r_max={r_max!r}"
+    )
+  if not max_phase > 0:
+    raise ValueError(f"{where}: max_phase must be > 0, got {max_phase!r}")
+  settings = _Settings(state_size, float(r_min), float(r_max), float(max_phase), param_dtype)
+  return Cell(
+    init=functools.partial(_init, settings),
+    initial_carry=functools.partial(_initial_carry, settings),
+    apply=_step,
+    scan=_scan,
+  )
+
+
+def _init(settings: _Settings, rng: jax.Array, x_t: Any) -> LRUParams:
+  """The paper's initialisation (appendix A): lambda uniform on the ring, gamma normalising."""
+  n, h, dtype = settings.state_size, x_t.shape[-1], settings.param_dtype
+  k_u1, k_u2, k_b, k_c, k_d = jax.random.split(rng, 5)
+  # Uniform on (0, 1): a draw of exactly 0 would put log(0) into nu or theta.
+  tiny = jnp.finfo(dtype).tiny
+  u1 = jax.random.uniform(k_u1, (n,), dtype, minval=tiny)
+  u2 = jax.random.uniform(k_u2, (n,), dtype, minval=tiny)
+  r_min, r_max = settings.r_min, settings.r_max
+  # |lambda|^2 uniform on [r_min^2, r_max^2]: lambda uniform in area on the ring.
+  nu_log = jnp.log(-0.5 * jnp.log(u1 * (r_max**2 - r_min**2) + r_min**2))
+  theta_log = jnp.log(settings.max_phase * u2)
+  modulus = jnp.exp(-jnp.exp(nu_log))
+  gamma_log = jnp.log(jnp.sqrt(1 - modulus**2))
+  b = jax.random.normal(k_b, (2, h, n), dtype) / math.sqrt(2 * h)
+  c = jax.random.normal(k_c, (2, n, h), dtype) / math.sqrt(n)
+  d = jax.random.normal(k_d, (h,), dtype)
+  return LRUParams(nu_log, theta_log, gamma_log, b[0], b[1], c[0], c[1], d)
+
+
+def _initial_carry(settings: _Settings, x_t: Any) -> tuple[jax.Array, jax.Array]:
+  zeros = jnp.zeros((x_t.shape[0], settings.state_size), settings.param_dtype)
+  return zeros, zeros
+
+
+def _eigenvalues(params: LRUParams) -> jax.Array:
+  """lambda = exp(-exp(nu) + i exp(theta)), [N] complex."""
+  return jnp.exp(-jnp.exp(params.nu_log) + 1j * jnp.exp(params.theta_log))
+
+
+def _driven_input(params: LRUParams, x: jax.Array) -> jax.Array:
+  """gamma * (B x) for rows x [..., H]: the input each state unit adds, [..., N] complex."""
+  b = x @ params.B_re + 1j * (x @ params.B_im)
+  return jnp.exp(params.gamma_log) * b
+
+
+def _read_out(params: LRUParams, h: jax.Array, x: jax.Array) -> jax.Array:
+  """y = Re(C h) + D x for rows h [..., N], x [..., H]."""
+  return h.real @ params.C_re - h.imag @ params.C_im + params.D * x
+
+
+def _step(
+  params: LRUParams, carry: tuple[jax.Array, jax.Array], x_t: jax.Array
+) -> tuple[tuple[jax.Array, jax.Array], jax.Array]:
+  """One step: h_t = lambda h_{t-1} + gamma B x_t, y_t = Re(C h_t) + D x_t."""
+  h = _eigenvalues(params) * (carry[0] + 1j * carry[1]) + _driven_input(params, x_t)
+  return (h.real, h.imag), _read_out(params, h, x_t)
+
+
+def _compose(earlier: tuple, later: tuple) -> tuple:
+  """The affine map h -> a h + b applied after another: (a1, b1) then (a2, b2)."""
+  a1, b1 = earlier
+  a2, b2 = later
+  return a2 * a1, a2 * b1 + b2
+
+
+def _scan(
+  params: LRUParams, carry: tuple[jax.Array, jax.Array], xs: jax.Array, unroll: int | bool = 1
+) -> tuple[tuple[jax.Array, jax.Array], jax.Array, tuple[jax.Array, jax.Array]]:
+  """`jax.lax.scan` of `_step` over the leading (time) axis of `xs` [T, batch, H], computed as
+  an associative scan: the carry after the last step, the outputs and the carries of all steps.
+
+  `unroll` is accepted for the `Cell.scan` contract; a parallel scan has no loop to unroll.
+  """
+  del unroll
+  lam = _eigenvalues(params)
+  b = _driven_input(params, xs)  # [T, batch, N]
+  b = b.at[0].add(lam * (carry[0] + 1j * carry[1]))  # the carry in, folded into step 1
+  a = jnp.broadcast_to(lam, b.shape)
+  _, h = jax.lax.associative_scan(_compose, (a, b))
+  states = (h.real, h.imag)
+  return (h.real[-1], h.imag[-1]), _read_out(params, h, xs), states
