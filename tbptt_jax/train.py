@@ -215,7 +215,7 @@ class _LiveStateUpdate:
     self._jitted = jitted
 
   def __call__(self, state: TrainState, *args: Any, **kwargs: Any) -> Any:
-    if any(isinstance(a, jax.Array) and a.is_deleted() for a in jax.tree.leaves(state)):
+    if any(_deleted(leaf) for leaf in jax.tree.leaves(state)):
       raise ValueError(
         "update: this state was already passed to update, which took its buffers (it donates "
         "them to the new state): use the state that call returned, "
@@ -225,6 +225,12 @@ class _LiveStateUpdate:
 
   def __getattr__(self, name: str) -> Any:
     return getattr(self._jitted, name)
+
+
+def _deleted(leaf: Any) -> bool:
+  """Whether `leaf` is a concrete array whose buffer is gone (a tracer, inside a caller's own
+  `jax.jit`, has none to lose)."""
+  return isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer) and leaf.is_deleted()
 
 
 class _Config(NamedTuple):

@@ -421,4 +421,5 @@ def test_bad_update_input():
   new_state, _ = trainer.update(state, x, y)
   with pytest.raises(ValueError, match=r"update: this state was already passed to update"):
     trainer.update(state, x, y)
-  trainer.update(new_state, x, y)  # the returned state goes on
+  new_state, _ = trainer.update(new_state, x, y)  # the returned state goes on
+  jax.jit(lambda state: trainer.update(state, x, y))(new_state)  # and under a caller's jit
