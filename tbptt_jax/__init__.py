@@ -7,6 +7,7 @@ long sequence in order. Modules, one idea each:
 
   cells       the cell contract; the Elman cell; Flax cells; stacking
   linear_rnn  the Linear Recurrent Unit `lru` (Orvieto et al. 2023), windows as a parallel scan
+  rtrl        real-time recurrent learning: the untruncated gradient online, `rtrl_cell`
   unroll      lax.scan over time, carry in / carry out, resets
   truncation  TBPTT(k1, k2), window and per-loss styles: `Truncation`, the
               engine `cell_gradients` and its loose-function form `tbptt_gradients`
@@ -40,6 +41,7 @@ from tbptt_jax import (
   linear_rnn,
   lm,
   plots,
+  rtrl,
   sharding,
   synthetic,
 )
@@ -63,6 +65,8 @@ from tbptt_jax.cells import with_embed as with_embed
 from tbptt_jax.cells import with_head as with_head
 from tbptt_jax.linear_rnn import LRUParams as LRUParams
 from tbptt_jax.linear_rnn import lru as lru
+from tbptt_jax.rtrl import RTRLCarry as RTRLCarry
+from tbptt_jax.rtrl import rtrl_cell as rtrl_cell
 from tbptt_jax.sharding import data_mesh as data_mesh
 from tbptt_jax.streams import batchify as batchify
 from tbptt_jax.streams import iterate_chunks as iterate_chunks
@@ -88,6 +92,7 @@ __all__ = (
   "K2Choice",
   "LRUParams",
   "Lookback",
+  "RTRLCarry",
   "StreamState",
   "TrainState",
   "Trainer",
@@ -116,6 +121,8 @@ __all__ = (
   "lm",
   "lru",
   "plots",
+  "rtrl",
+  "rtrl_cell",
   "sharding",
   "stack",
   "synthetic",

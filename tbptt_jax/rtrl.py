@@ -1,0 +1,119 @@
+r"""Real-time recurrent learning (RTRL): the untruncated gradient, online, as a `Cell`.
+
+RTRL (Williams & Zipser 1989) carries the sensitivity of the state to the parameters,
+M_t = ds_t / dtheta, forward in time with the state:
+
+    s_t = f(theta, s_{t-1}, x_t),      M_t = df/dtheta + (df/ds_{t-1}) M_{t-1},    M_0 = 0,
+
+so that the gradient of a loss at step t through *every* earlier step (since the last reset)
+is dl_t/dtheta = (dl_t/dy_t)(dy_t/dtheta + (dy_t/ds_{t-1}) M_{t-1}), with memory that does not
+grow with the sequence: M has n x p numbers per stream (state size n, parameter count p) and
+each step costs about p forward evaluations of the step. It is affordable for small states,
+and it is the exact reference every truncation's bias is measured against.
+
+`rtrl_cell(cell)` makes it a cell of the library: its carry is `(s, M)`; its step computes M_t
+by forward-mode differentiation (`jax.jacfwd` of the step in the parameters, with the state
+entering as s_{t-1} + M_{t-1}(theta - theta_0): the derivative at theta_0 is the total one),
+and returns the state through the same shift, whose value is zero and whose derivative carries
+M_{t-1}, so that the reverse pass of one step gives the whole history's gradient. Trained as
+
+    tbptt_trainer(rtrl_cell(model), loss_fn, optimizer, k1=k1, k2=1, style="per_loss")
+
+each update's gradient is the mean, over its block's k1 losses, of each loss's gradient through
+every past step: the gradient RTRL gives online (updates every k1 steps, k1 = 1 included), equal
+to full BPTT's gradient of the same losses at fixed parameters. Everything else is the
+trainer's: checkpoints, resets (the carry restarts at (s_0, 0)), sharding, metrics.
+
+References:
+  R. J. Williams and D. Zipser, "A Learning Algorithm for Continually Running Fully Recurrent
+  Neural Networks", Neural Computation 1(2), 1989.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from tbptt_jax import _checks
+from tbptt_jax.cells import Cell, full_step
+
+
+class RTRLCarry(NamedTuple):
+  """The carry of an `rtrl_cell`: the cell's carry and its sensitivity to the parameters."""
+
+  state: Any  # the cell's carry, leaves [batch, ...]
+  sensitivity: Any  # for each carry leaf, a tree like the parameters: [batch, *leaf, *param]
+
+
+def rtrl_cell(cell: Cell) -> Cell:
+  """`cell` trained by real-time recurrent learning: see the module docstring.
+
+  Args:
+    cell: any `Cell` with an `init` (its parameter shapes size the
+      sensitivity); its `head` is kept, its `embed` runs inside the step, its
+      `scan` is not used.
+
+  Returns:
+    A `Cell` with carry `RTRLCarry(state, sensitivity)`; train it with
+    `k2=1, style="per_loss"` for the RTRL gradient.
+  """
+  if not isinstance(cell, Cell):
+    raise ValueError(f"rtrl_cell: cell must be a tbptt_jax.Cell, got {type(cell).__name__}")
+  _checks.cell_parts("rtrl_cell", "cell", cell)
+  # The embed joins the step: the state depends on its parameters through x_t, so the
+  # sensitivity must see it. The head reads the state out, and stays after the scan.
+  return Cell(
+    init=cell.init,
+    initial_carry=functools.partial(_initial_carry, cell),
+    apply=functools.partial(_step, full_step(cell)),
+    head=cell.head,
+  )
+
+
+def _initial_carry(cell: Cell, x_t: Any) -> RTRLCarry:
+  """The cell's initial carry and a zero sensitivity: nothing is known before the first step."""
+  state = cell.initial_carry(x_t)
+  params = jax.eval_shape(cell.init, jax.random.key(0), x_t)  # shapes only, nothing drawn
+
+  def zeros_for(leaf: Any) -> Any:
+    return jax.tree.map(lambda p: jnp.zeros((*leaf.shape, *p.shape), leaf.dtype), params)
+
+  return RTRLCarry(state, jax.tree.map(zeros_for, state))
+
+
+def _shifted(sensitivity: Any, state: Any, displacement: Any) -> Any:
+  """state + M . displacement, for one stream: each carry leaf moved by its sensitivity to the
+  parameters contracted with a parameter displacement."""
+
+  def move(leaf: Any, leaf_sensitivity: Any) -> Any:
+    terms = jax.tree.map(
+      lambda m, d: jnp.tensordot(m, d, axes=d.ndim), leaf_sensitivity, displacement
+    )
+    return leaf + sum(jax.tree.leaves(terms))
+
+  return jax.tree.map(move, state, sensitivity)
+
+
+def _step(apply: Any, params: Any, carry: RTRLCarry, x_t: Any) -> tuple[RTRLCarry, Any]:
+  """One step of every stream: the cell's step, and the sensitivity carried forward."""
+  frozen = jax.lax.stop_gradient(params)
+  old = jax.lax.stop_gradient(carry)
+
+  def one_stream(params: Any, state: Any, sensitivity: Any, x: Any) -> tuple[Any, Any]:
+    # The cell's step on a batch of one, at state + M (params - frozen): its value is the
+    # step's; its derivative in params is the total one, df/dtheta + df/ds M.
+    batch_of_one = functools.partial(jax.tree.map, lambda a: a[None])
+    moved = _shifted(sensitivity, state, jax.tree.map(jnp.subtract, params, frozen))
+    new_state, y = apply(params, batch_of_one(moved), batch_of_one(x))
+    return jax.tree.map(lambda a: a[0], (new_state, y))
+
+  def new_sensitivity(state: Any, sensitivity: Any, x: Any) -> Any:
+    return jax.jacfwd(lambda p: one_stream(p, state, sensitivity, x)[0])(frozen)
+
+  streams = jax.vmap(one_stream, in_axes=(None, 0, 0, 0))
+  state, y = streams(params, old.state, old.sensitivity, x_t)
+  sensitivity = jax.vmap(new_sensitivity)(old.state, old.sensitivity, x_t)
+  return RTRLCarry(state, jax.lax.stop_gradient(sensitivity)), y
