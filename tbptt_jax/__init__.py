@@ -6,7 +6,8 @@ the start of each backward window; a jitted update consumes the chunks of a
 long sequence in order. Modules, one idea each:
 
   cells       the cell contract; the Elman cell; Flax cells; stacking
-  linear_rnn  the Linear Recurrent Unit `lru` (Orvieto et al. 2023), windows as a parallel scan
+  linear_rnn  the Linear Recurrent Unit `lru` (Orvieto et al. 2023), windows as a parallel scan;
+              `online_lru`, with the diagonal online sensitivities of Zucchet et al. (2023)
   rtrl        real-time recurrent learning: the untruncated gradient online, `rtrl_cell`
   unroll      lax.scan over time, carry in / carry out, resets
   truncation  TBPTT(k1, k2), window and per-loss styles: `Truncation`, the
@@ -64,7 +65,10 @@ from tbptt_jax.cells import stack as stack
 from tbptt_jax.cells import with_embed as with_embed
 from tbptt_jax.cells import with_head as with_head
 from tbptt_jax.linear_rnn import LRUParams as LRUParams
+from tbptt_jax.linear_rnn import LRUTraces as LRUTraces
 from tbptt_jax.linear_rnn import lru as lru
+from tbptt_jax.linear_rnn import lru_block as lru_block
+from tbptt_jax.linear_rnn import online_lru as online_lru
 from tbptt_jax.rtrl import RTRLCarry as RTRLCarry
 from tbptt_jax.rtrl import rtrl_cell as rtrl_cell
 from tbptt_jax.sharding import data_mesh as data_mesh
@@ -91,6 +95,7 @@ __all__ = (
   "ElmanParams",
   "K2Choice",
   "LRUParams",
+  "LRUTraces",
   "Lookback",
   "RTRLCarry",
   "StreamState",
@@ -120,6 +125,8 @@ __all__ = (
   "linear_rnn",
   "lm",
   "lru",
+  "lru_block",
+  "online_lru",
   "plots",
   "rtrl",
   "rtrl_cell",

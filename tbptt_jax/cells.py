@@ -80,7 +80,13 @@ class Cell(NamedTuple):
       leading (time) axis of `inputs` (embedded, if the cell has `embed`):
       the carry after the last step, and y_t and the carry after every step
       stacked on a leading time axis. `unroll` is `jax.lax.scan`'s. The
-      engine calls it for runs without resets or padding.
+      engine calls it for runs without padding, and without resets unless
+      `scan_resets`.
+    scan_resets: True when `scan` also takes `resets=` (`[time, batch]` bool)
+      and `reset_carry=` keywords, with `unroll.masked_step`'s meaning: where
+      `resets[t, b]`, stream b's carry is replaced by `reset_carry` before step
+      t, and no gradient crosses it. The engine then hands it windows that hold
+      resets as well.
   """
 
   init: Callable[[jax.Array, Any], Params]
@@ -89,6 +95,7 @@ class Cell(NamedTuple):
   head: HeadFn | None = None
   embed: HeadFn | None = None
   scan: ScanFn | None = None
+  scan_resets: bool = False
 
 
 def map_steps(fn: HeadFn | None, params: Params, steps: Any) -> Any:
@@ -384,7 +391,8 @@ def stack(*cells: Cell) -> Cell:
   stack's head (applied after the scan); likewise a layer's `embed`, except
   the first layer's, which becomes the stack's embed (applied before it).
   The stack has a `scan` when one of its layers has one: it then runs the
-  window layer by layer, each layer with its own scan.
+  window layer by layer, each layer with its own scan; that scan takes resets
+  when every layer's own scan does.
 
   Example: a two-layer LSTM language model over a 1000-word vocabulary.
     >>> model = stack(
@@ -401,6 +409,7 @@ def stack(*cells: Cell) -> Cell:
   embed = None if first.embed is None else functools.partial(_first_embed, first.embed)
   # Only a stack holding a layer with its own scan has one; others scan the stacked step.
   has_scan = any(c.scan is not None for c in cells)
+  scan_resets = has_scan and all(c.scan_resets for c in cells if c.scan is not None)
   return Cell(
     init=functools.partial(_stack_init, cells),
     initial_carry=functools.partial(_stack_initial_carry, cells),
@@ -408,6 +417,7 @@ def stack(*cells: Cell) -> Cell:
     head=head,
     embed=embed,
     scan=functools.partial(_stack_scan, cells) if has_scan else None,
+    scan_resets=scan_resets,
   )
 
 
@@ -456,15 +466,25 @@ def _stack_apply(cells: tuple[Cell, ...], params: tuple, carry: tuple, x_t: Any)
 
 
 def _stack_scan(
-  cells: tuple[Cell, ...], params: tuple, carry: tuple, inputs: Any, unroll: int | bool = 1
+  cells: tuple[Cell, ...],
+  params: tuple,
+  carry: tuple,
+  inputs: Any,
+  unroll: int | bool = 1,
+  **resetting: Any,
 ):
   # Layer by layer over the whole window: layer l at step t reads only layer l - 1's
   # output at step t, so this is the step-by-step stack, and each layer runs its own scan.
+  # `resetting` is empty, or `resets` and the stack's `reset_carry` (one entry per layer).
   finals, carries, xs = [], [], inputs
-  for i, (cell, layer_params, layer_carry) in enumerate(zip(cells, params, carry, strict=True)):
+  layers = zip(cells, params, carry, strict=True)
+  for i, (cell, layer_params, layer_carry) in enumerate(layers):
     if i > 0:
       xs = map_steps(cell.embed, layer_params, xs)
-    layer_carry, xs, layer_carries = _layer_scan(cell, layer_params, layer_carry, xs, unroll)
+    layer_resetting = resetting and dict(resetting, reset_carry=resetting["reset_carry"][i])
+    layer_carry, xs, layer_carries = _layer_scan(
+      cell, layer_params, layer_carry, xs, unroll, **layer_resetting
+    )
     if i < len(cells) - 1:
       xs = map_steps(cell.head, layer_params, xs)
     finals.append(layer_carry)
@@ -472,16 +492,41 @@ def _stack_scan(
   return tuple(finals), xs, tuple(carries)
 
 
-def _layer_scan(cell: Cell, params: Params, carry: Carry, xs: Any, unroll: int | bool):
+def _layer_scan(
+  cell: Cell, params: Params, carry: Carry, xs: Any, unroll: int | bool, **resetting: Any
+):
   """One layer of a stack over a window: its own scan, one vmap if stateless, else lax.scan."""
   if cell.scan is not None:
-    return cell.scan(params, carry, xs, unroll)
+    return cell.scan(params, carry, xs, unroll, **resetting)
   if not jax.tree.leaves(carry):  # stateless: every step at once, no loop
     return carry, jax.vmap(lambda x_t: cell.apply(params, (), x_t)[1])(xs), carry
-  carry, (ys, carries) = jax.lax.scan(
-    lambda c, x_t: _with_carry(cell.apply(params, c, x_t)), carry, xs, unroll=unroll
-  )
+  if not resetting:
+    carry, (ys, carries) = jax.lax.scan(
+      lambda c, x_t: _with_carry(cell.apply(params, c, x_t)), carry, xs, unroll=unroll
+    )
+    return carry, ys, carries
+
+  def step(c: Carry, step: tuple[Any, jax.Array]) -> tuple[Carry, tuple[Any, Carry]]:
+    x_t, reset_t = step
+    return _with_carry(cell.apply(params, where_leading(reset_t, resetting["reset_carry"], c), x_t))
+
+  carry, (ys, carries) = jax.lax.scan(step, carry, (xs, resetting["resets"]), unroll=unroll)
   return carry, ys, carries
+
+
+def where_leading(flag: jax.Array, on_true: Any, on_false: Any) -> Any:
+  """`jnp.where` over two pytrees, `flag` indexing the leading axes of every leaf.
+
+  E.g. a per-stream flag `[batch]` against a carry `[batch, ...]`, or a
+  per-step flag `[time]` against inputs `[time, batch, ...]`; leaves of
+  `on_false` may be 1 on those axes and broadcast.
+  """
+
+  def leaf(a, b):
+    f = jnp.reshape(flag, jnp.shape(flag) + (1,) * (a.ndim - jnp.ndim(flag)))
+    return jnp.where(f, a, b)
+
+  return jax.tree.map(leaf, on_true, on_false)
 
 
 def with_head(cell: Cell, layer: nn.Module | Callable[[jax.Array], jax.Array]) -> Cell:
@@ -562,19 +607,25 @@ _FLAX_CELLS = {
   "gru": nn.GRUCell,
   "mgu": nn.MGUCell,
 }
-CELL_NAMES = ("elman", *_FLAX_CELLS)
+CELL_NAMES = ("elman", "lru", *_FLAX_CELLS)
 
 
 def cell_by_name(name: str, hidden_size: int) -> Cell:
-  """A cell from its name: `"elman"` (this module) or a Flax cell's short name.
+  """A cell from its name: `"elman"` (this module), `"lru"` (`linear_rnn.lru_block`) or a
+  Flax cell's short name.
 
   Args:
-    name: one of `CELL_NAMES`: elman, simple, lstm, optimized_lstm, gru, mgu.
-    hidden_size: the state size (`features` of a Flax cell).
+    name: one of `CELL_NAMES`: elman, lru, simple, lstm, optimized_lstm, gru, mgu.
+    hidden_size: the state size (`features` of a Flax cell; the LRU's width and
+      number of complex units).
   """
   hidden_size = _checks.positive_int("cell_by_name", "hidden_size", hidden_size)
   if name == "elman":
     return elman(hidden_size)
+  if name == "lru":
+    from tbptt_jax import linear_rnn  # noqa: PLC0415 (it builds on this module)
+
+    return linear_rnn.lru_block(hidden_size)
   if name not in _FLAX_CELLS:
     raise ValueError(f"cell_by_name: name must be one of {CELL_NAMES}, got {name!r}")
   return flax_cell(_FLAX_CELLS[name](features=hidden_size))

@@ -23,9 +23,11 @@ of the affine maps h -> lambda h + b_t, an associative operation
 so `jax.lax.associative_scan` computes them in O(log T) parallel depth instead of T dependent
 steps (Blelloch 1990; Martin & Cundy 2018; S5, Smith et al. 2023). The carry entering the
 window folds into the first step, b_1 = lambda h_0 + gamma B x_1, so a window starts from the
-carry the engine hands it: exact TBPTT(k1, k2) with the state carried between chunks. The
-engine runs windows that hold a reset, or padding, through `apply` one step at a time (its
-generic path), where the state restarts from the initial carry and no gradient crosses it.
+carry the engine hands it: exact TBPTT(k1, k2) with the state carried between chunks. A reset
+before step t (a document boundary) makes that step's map constant, a_t = 0 and
+b_t = lambda h_reset + gamma B x_t: the state restarts from the reset carry and no gradient
+crosses it, inside the same parallel scan. Only the padding the engine puts before a
+sequence's first step runs through `apply` one step at a time (its generic path).
 
 The carry is the real and imaginary parts of h, `(h_re, h_im)`, each `[batch, N]`: real arrays,
 as every part of the library (diagnostics, sharding, checkpoints) expects.
@@ -41,7 +43,10 @@ import jax
 import jax.numpy as jnp
 
 from tbptt_jax import _checks
-from tbptt_jax.cells import Cell
+import flax.linen as nn
+
+from tbptt_jax.cells import Cell, feedforward, stack
+from tbptt_jax.rtrl import RTRLCarry
 
 
 class LRUParams(NamedTuple):
@@ -102,7 +107,45 @@ def lru(
     A. Orvieto, S. L. Smith, A. Gu, A. Fernando, C. Gulcehre, R. Pascanu and
     S. De, "Resurrecting Recurrent Neural Networks for Long Sequences", ICML 2023.
   """
-  where = "lru"
+  settings = _settings("lru", state_size, r_min, r_max, max_phase, param_dtype)
+  return Cell(
+    init=functools.partial(_init, settings),
+    initial_carry=functools.partial(_initial_carry, settings),
+    apply=_step,
+    scan=_scan,
+    scan_resets=True,
+  )
+
+
+def lru_block(
+  features: int, *, state_size: int | None = None, online: bool = False, **ring: Any
+) -> Cell:
+  """An LRU as a recurrent layer of width `features`, the way the paper uses it: a linear
+  projection of the input to `features`, the LRU (`state_size` complex units, default
+  `features`), and a GELU layer on its output (the paper's block without its normalisation
+  and residual). It is what `cell_by_name("lru", n)` and the command line's `--cell lru` build.
+
+  Args:
+    features: the layer's output width (and the LRU's input width).
+    state_size: N, default `features`.
+    online: use `online_lru` (the diagonal online sensitivities, for
+      `tbptt_trainer(..., gradient="online")`); the parameters are the same.
+    **ring: `r_min`, `r_max`, `max_phase`, `param_dtype`, passed to the LRU.
+  """
+  features = _checks.positive_int("lru_block", "features", features)
+  make = online_lru if online else lru
+  dtype = ring.get("param_dtype", jnp.float32)
+  return stack(
+    feedforward(nn.Dense(features, param_dtype=dtype)),
+    make(features if state_size is None else state_size, **ring),
+    feedforward(nn.Sequential([nn.Dense(features, param_dtype=dtype), nn.gelu])),
+  )
+
+
+def _settings(
+  where: str, state_size: Any, r_min: Any, r_max: Any, max_phase: Any, param_dtype: Any
+) -> _Settings:
+  """The LRU's arguments, checked."""
   state_size = _checks.positive_int(where, "state_size", state_size)
   if not 0.0 <= r_min < r_max <= 1.0:
     raise ValueError(
@@ -111,13 +154,7 @@ def lru(
     )
   if not max_phase > 0:
     raise ValueError(f"{where}: max_phase must be > 0, got {max_phase!r}")
-  settings = _Settings(state_size, float(r_min), float(r_max), float(max_phase), param_dtype)
-  return Cell(
-    init=functools.partial(_init, settings),
-    initial_carry=functools.partial(_initial_carry, settings),
-    apply=_step,
-    scan=_scan,
-  )
+  return _Settings(state_size, float(r_min), float(r_max), float(max_phase), param_dtype)
 
 
 def _init(settings: _Settings, rng: jax.Array, x_t: Any) -> LRUParams:
@@ -177,18 +214,137 @@ def _compose(earlier: tuple, later: tuple) -> tuple:
 
 
 def _scan(
-  params: LRUParams, carry: tuple[jax.Array, jax.Array], xs: jax.Array, unroll: int | bool = 1
+  params: LRUParams,
+  carry: tuple[jax.Array, jax.Array],
+  xs: jax.Array,
+  unroll: int | bool = 1,
+  *,
+  resets: jax.Array | None = None,
+  reset_carry: tuple[jax.Array, jax.Array] | None = None,
 ) -> tuple[tuple[jax.Array, jax.Array], jax.Array, tuple[jax.Array, jax.Array]]:
   """`jax.lax.scan` of `_step` over the leading (time) axis of `xs` [T, batch, H], computed as
   an associative scan: the carry after the last step, the outputs and the carries of all steps.
 
-  `unroll` is accepted for the `Cell.scan` contract; a parallel scan has no loop to unroll.
+  A reset before step t (`resets[t, b]`, `[T, batch]` bool) makes step t's map constant,
+  h -> lambda h_reset + b_t (a_t = 0): the state restarts from `reset_carry`, and nothing, the
+  gradient included, crosses from the steps before. `unroll` is accepted for the `Cell.scan`
+  contract; a parallel scan has no loop to unroll.
   """
   del unroll
   lam = _eigenvalues(params)
   b = _driven_input(params, xs)  # [T, batch, N]
-  b = b.at[0].add(lam * (carry[0] + 1j * carry[1]))  # the carry in, folded into step 1
   a = jnp.broadcast_to(lam, b.shape)
-  _, h = jax.lax.associative_scan(_compose, (a, b))
+  entering = lam * (carry[0] + 1j * carry[1])  # the carry in, folded into step 1
+  if resets is not None:
+    restart = resets[..., None]  # [T, batch, 1]
+    a = jnp.where(restart, 0, a)
+    if reset_carry is not None:  # else zeros, as `unroll.scan_steps` defaults it
+      b = b + jnp.where(restart, lam * (reset_carry[0] + 1j * reset_carry[1]), 0)
+    entering = jnp.where(restart[0], 0, entering)
+  _, h = jax.lax.associative_scan(_compose, (a, b.at[0].add(entering)))
   states = (h.real, h.imag)
   return (h.real[-1], h.imag[-1]), _read_out(params, h, xs), states
+
+
+class LRUTraces(NamedTuple):
+  """The diagonal sensitivities of an LRU's state h [batch, N] (Zucchet et al. 2023), each as
+  its real and imaginary parts: every entry of h depends on its own lambda_i, gamma_i and row
+  i of B only, so these are the whole of dh/dtheta for the recurrence's own parameters."""
+
+  lam: tuple[jax.Array, jax.Array]  # dh_i/dlambda_i: [batch, N]
+  gamma: tuple[jax.Array, jax.Array]  # dh_i/dgamma_i: [batch, N]
+  B: tuple[jax.Array, jax.Array]  # dh_i/dB_re[j, i] (and i times it for B_im): [batch, H, N]
+
+
+def online_lru(
+  state_size: int,
+  *,
+  r_min: float = 0.0,
+  r_max: float = 1.0,
+  max_phase: float = 2 * math.pi,
+  param_dtype: Any = jnp.float32,
+) -> Cell:
+  r"""The LRU with the diagonal online sensitivities of Zucchet et al. (2023) in its carry.
+
+  Real-time recurrent learning carries dh_t/dtheta forward in time (see `tbptt_jax.rtrl`).
+  For the LRU's diagonal recurrence h_t = lambda * h_{t-1} + gamma * (B x_t), unit i depends
+  on lambda_i, gamma_i and row i of B only, so the sensitivities are diagonal too and cost
+  about as much as the forward step, O(N H) per stream instead of RTRL's O(N^2 H):
+
+      e_t = lambda e_{t-1} + h_{t-1}            (dh_t/dlambda)
+      g_t = lambda g_{t-1} + B x_t              (dh_t/dgamma)
+      F_t = lambda F_{t-1} + gamma x_t^T        (dh_t[i]/dB_re[j, i]; i F_t for B_im)
+
+  The step returns h_t with the total derivative these give: its value is h_t, and its
+  derivative in the parameters is e (dlambda) + g (dgamma) + F (dB), so that the reverse pass
+  of one step (train with `k2=1, style="per_loss"`, or `tbptt_trainer(...,
+  gradient="online")`) gives each loss's gradient through every past step since the last
+  reset. C, D and the layers after the recurrence read h_t directly, so their gradients
+  need no trace.
+
+  **What is exact.** For a network with one LRU layer, the gradient of every parameter of the
+  LRU and of everything after it is full BPTT's, to rounding (the tests check 1e-10 at
+  float64). Parameters *before* the recurrence (an input projection, lower layers of a stack,
+  an embedding) receive the gradient through the present step only, h_t's dependence on x_t
+  being gamma B; the paths through earlier steps, h_t's dependence on x_s for s < t, are
+  dropped. In a stack of several `online_lru` layers each layer's own parameters therefore get
+  their exact sensitivities but an approximate error signal from the layers above (the present
+  step's only): the approximation of Zucchet et al., section 3, that they show still learns
+  long-range dependencies. `rtrl_cell` gives the exact gradient of any stack, at O(N^2 P).
+
+  Arguments and parameters are those of `lru`: the two cells share `LRUParams`, so a model
+  trained online can be evaluated with `lru`'s parallel scan.
+
+  References:
+    N. Zucchet, R. Meier, S. Schug, A. Mujika and J. Sacramento, "Online learning of
+    long-range dependencies", NeurIPS 2023.
+  """
+  settings = _settings("online_lru", state_size, r_min, r_max, max_phase, param_dtype)
+  return Cell(
+    init=functools.partial(_init, settings),
+    initial_carry=functools.partial(_online_initial_carry, settings),
+    apply=_online_step,
+  )
+
+
+def _online_initial_carry(settings: _Settings, x_t: Any) -> RTRLCarry:
+  """Zero state and zero traces: nothing is known before the first step."""
+  state = _initial_carry(settings, x_t)
+  zeros_bhn = jnp.zeros((x_t.shape[0], x_t.shape[-1], settings.state_size), settings.param_dtype)
+  return RTRLCarry(state, LRUTraces(state, state, (zeros_bhn, zeros_bhn)))
+
+
+def _complex(pair: tuple[jax.Array, jax.Array]) -> jax.Array:
+  return pair[0] + 1j * pair[1]
+
+
+def _parts(z: jax.Array) -> tuple[jax.Array, jax.Array]:
+  return z.real, z.imag
+
+
+def _online_step(
+  params: LRUParams, carry: RTRLCarry, x_t: jax.Array
+) -> tuple[RTRLCarry, jax.Array]:
+  """One step of the state and of its traces; h_t carries the traces' derivative."""
+  frozen = jax.lax.stop_gradient(params)
+  lam, gamma = _eigenvalues(frozen), jnp.exp(frozen.gamma_log)
+  x = jax.lax.stop_gradient(x_t)
+  h_prev = _complex(carry.state)
+  bx = x @ frozen.B_re + 1j * (x @ frozen.B_im)  # B x_t, [batch, N]
+  h = lam * h_prev + gamma * bx
+  traces = carry.sensitivity
+  e = lam * _complex(traces.lam) + h_prev
+  g = lam * _complex(traces.gamma) + bx
+  f = lam * _complex(traces.B) + gamma * x[..., :, None]  # [batch, H, N]
+  # Each added term is zero in value; its derivative is one of dh/dtheta's parts, or (the
+  # last) the present step's dependence on the input, for the layers below.
+  delta_b = (params.B_re - frozen.B_re) + 1j * (params.B_im - frozen.B_im)
+  h_total = (
+    h
+    + e * (_eigenvalues(params) - lam)
+    + g * (jnp.exp(params.gamma_log) - gamma)
+    + jnp.einsum("bjn,jn->bn", f, delta_b)
+    + _driven_input(frozen, x_t - x)
+  )
+  traces = jax.lax.stop_gradient(LRUTraces(_parts(e), _parts(g), _parts(f)))
+  return RTRLCarry(_parts(h_total), traces), _read_out(params, h_total, x_t)

@@ -32,6 +32,7 @@ References:
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -48,13 +49,22 @@ class RTRLCarry(NamedTuple):
   sensitivity: Any  # for each carry leaf, a tree like the parameters: [batch, *leaf, *param]
 
 
-def rtrl_cell(cell: Cell) -> Cell:
+# The default bound on the sensitivity of all streams together (`rtrl_cell`).
+MAX_SENSITIVITY_BYTES = 2**30
+
+
+def rtrl_cell(cell: Cell, *, max_sensitivity_bytes: int = MAX_SENSITIVITY_BYTES) -> Cell:
   """`cell` trained by real-time recurrent learning: see the module docstring.
 
   Args:
     cell: any `Cell` with an `init` (its parameter shapes size the
       sensitivity); its `head` is kept, its `embed` runs inside the step, its
       `scan` is not used.
+    max_sensitivity_bytes: the carry's sensitivity, batch x n x p numbers, may
+      not exceed this (default 1 GiB): `initial_carry` refuses a larger one
+      with a `ValueError` that says its size, rather than running out of
+      memory mid-run. For a diagonal linear recurrence, `online_lru` needs
+      only O(n H) per stream.
 
   Returns:
     A `Cell` with carry `RTRLCarry(state, sensitivity)`; train it with
@@ -63,20 +73,33 @@ def rtrl_cell(cell: Cell) -> Cell:
   if not isinstance(cell, Cell):
     raise ValueError(f"rtrl_cell: cell must be a tbptt_jax.Cell, got {type(cell).__name__}")
   _checks.cell_parts("rtrl_cell", "cell", cell)
+  _checks.positive_int("rtrl_cell", "max_sensitivity_bytes", max_sensitivity_bytes)
   # The embed joins the step: the state depends on its parameters through x_t, so the
   # sensitivity must see it. The head reads the state out, and stays after the scan.
   return Cell(
     init=cell.init,
-    initial_carry=functools.partial(_initial_carry, cell),
+    initial_carry=functools.partial(_initial_carry, cell, max_sensitivity_bytes),
     apply=functools.partial(_step, full_step(cell)),
     head=cell.head,
   )
 
 
-def _initial_carry(cell: Cell, x_t: Any) -> RTRLCarry:
+def _initial_carry(cell: Cell, max_bytes: int, x_t: Any) -> RTRLCarry:
   """The cell's initial carry and a zero sensitivity: nothing is known before the first step."""
   state = cell.initial_carry(x_t)
   params = jax.eval_shape(cell.init, jax.random.key(0), x_t)  # shapes only, nothing drawn
+  state_size = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(state))
+  param_count = sum(math.prod(p.shape) for p in jax.tree.leaves(params))
+  itemsize = max((jnp.dtype(leaf.dtype).itemsize for leaf in jax.tree.leaves(state)), default=4)
+  needed = state_size * param_count * itemsize
+  if needed > max_bytes:
+    raise ValueError(
+      f"rtrl_cell: the sensitivity would take {needed:,} bytes ({state_size:,} state numbers "
+      f"over all streams x {param_count:,} parameters x {itemsize} bytes), above "
+      f"max_sensitivity_bytes={max_bytes:,}: raise it with rtrl_cell(model, "
+      "max_sensitivity_bytes=...) and gradient='online', or use fewer streams, a smaller "
+      "state or online_lru's diagonal sensitivities"
+    )
 
   def zeros_for(leaf: Any) -> Any:
     return jax.tree.map(lambda p: jnp.zeros((*leaf.shape, *p.shape), leaf.dtype), params)

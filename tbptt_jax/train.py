@@ -33,6 +33,7 @@ import optax
 
 from tbptt_jax import _checks, sharding
 from tbptt_jax import artbp as _artbp
+from tbptt_jax import rtrl as _rtrl
 from tbptt_jax.cells import Carry, Cell, Params
 from tbptt_jax.truncation import (
   Block,
@@ -125,6 +126,7 @@ def tbptt_trainer(
   remat: int | None = None,
   artbp: _artbp.ARTBP | None = None,
   mesh: jax.sharding.Mesh | None = None,
+  gradient: str = "bptt",
 ) -> Trainer:
   """Builds a jitted TBPTT(k1, k2) training step for a recurrent model.
 
@@ -177,6 +179,19 @@ def tbptt_trainer(
       are split over its "data" axis, parameters replicated, and host data are
       this process's streams (see `tbptt_jax.sharding`); batch must be a
       multiple of the axis size. None: one device, as without it.
+    gradient: what each update's gradient is. `"bptt"` (the default): the
+      truncated gradient that k2, style and artbp describe. `"rtrl"`: real-time
+      recurrent learning (`tbptt_jax.rtrl`): the model is wrapped in
+      `rtrl_cell`, whose carry holds the state's sensitivity to the
+      parameters, and each loss's gradient reaches through every past step
+      since the last reset: at fixed parameters full BPTT's gradient of the
+      block's losses, with memory flat in the sequence length, for
+      O(n^2 p) per step (state size n, parameter count p). `"online"`: the
+      same, for a model whose carry already holds its sensitivities (an
+      `rtrl_cell`, or `online_lru` layers, Zucchet et al.'s diagonal ones); it
+      is trained as it is. Both take k1 (k1 = 1 included) and run each loss's
+      reverse pass through its own step only (k2 = 1, per loss): k2, style,
+      artbp and remat cannot be given with them.
 
   Returns:
     A `Trainer(init, update, reset, set_k2, k2s)`.
@@ -188,6 +203,7 @@ def tbptt_trainer(
     >>> for x, y in iterate_chunks(streams, 100):  # 10 updates per call
     ...   state, metrics = trainer.update(state, x, y)
   """
+  model, k2, style = _online(model, k2, style, artbp, remat, gradient)
   config = _configure(
     model, loss_fn, optimizer, k1, k2, style, max_grad_norm, unroll, step_rngs,
     skip_nonfinite, remat, artbp,
@@ -255,6 +271,29 @@ class _Config(NamedTuple):
   def lookback_k2(self) -> int:
     """The longest window, whose k2 - 1 steps the lookback keeps."""
     return self.truncations[-1].k2
+
+
+GRADIENTS = ("bptt", "rtrl", "online")
+
+
+def _online(model: Any, k2: Any, style: Any, artbp: Any, remat: Any, gradient: Any):
+  """`(model, k2, style)` for `gradient`: as given for BPTT; for RTRL (the model wrapped in
+  `rtrl_cell`) and online models, each loss's reverse pass through its own step only."""
+  where = "tbptt_trainer"
+  if gradient not in GRADIENTS:
+    raise ValueError(f"{where}: gradient must be one of {GRADIENTS}, got {gradient!r}")
+  if gradient == "bptt":
+    return model, k2, style
+  given = {"k2": k2, "style": None if style == "window" else style, "artbp": artbp, "remat": remat}
+  for name, value in given.items():
+    if value is not None:
+      raise ValueError(
+        f"{where}: gradient={gradient!r} reaches every past step through the carried "
+        f"sensitivities, so {name} cannot be given with it, got {name}={value!r}"
+      )
+  if gradient == "rtrl" and isinstance(model, Cell):  # anything else: refused below
+    model = _rtrl.rtrl_cell(model)
+  return model, 1, "per_loss"
 
 
 def _configure(

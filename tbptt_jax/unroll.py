@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from tbptt_jax import _checks
-from tbptt_jax.cells import Carry, Cell, Params, StepFn
+from tbptt_jax.cells import Carry, Cell, Params, StepFn, where_leading
 
 
 class Unrolled(NamedTuple):
@@ -80,8 +80,9 @@ def scan_steps(
 
   The cell's `embed` and `head` are not applied: `inputs` are what `apply`
   takes (embedded already, if the cell has an `embed`), and `outputs` are
-  `apply`'s y_t. A run without resets, mask or remat uses the cell's own
-  `scan` if it has one (the same function, with its own backward pass).
+  `apply`'s y_t. A run without mask or remat uses the cell's own `scan` if it
+  has one (the same function, with its own backward pass), and a run with
+  resets does so if that scan takes them (`Cell.scan_resets`).
 
   Args:
     cell: a `Cell`, or a bare step function `step_fn(params, carry, x_t) ->
@@ -113,8 +114,10 @@ def scan_steps(
     reset_carry = jax.tree.map(jnp.zeros_like, carry)
   time = jax.tree.leaves(inputs)[0].shape[0]
   one_segment = remat is None or remat >= time
-  if scan_fn is not None and resets is None and mask is None and one_segment:
-    carry, outputs, carries = scan_fn(params, carry, inputs, unroll)
+  takes_resets = resets is None or (isinstance(cell, Cell) and cell.scan_resets)
+  if scan_fn is not None and takes_resets and mask is None and one_segment:
+    resetting = {} if resets is None else dict(resets=resets, reset_carry=reset_carry)
+    carry, outputs, carries = scan_fn(params, carry, inputs, unroll, **resetting)
     return Unrolled(carry, outputs if keep_outputs else None, carries if keep_carries else None)
   body = functools.partial(
     _scan_body, step_fn, params, reset_carry, keep_outputs=keep_outputs, keep_carries=keep_carries
@@ -223,18 +226,3 @@ def time_major(tree: Any) -> Any:
 def batch_major(tree: Any) -> Any:
   """`[time, batch, ...]` leaves to `[batch, time, ...]`."""
   return jax.tree.map(lambda a: jnp.swapaxes(a, 0, 1), tree)
-
-
-def where_leading(flag: jax.Array, on_true: Any, on_false: Any) -> Any:
-  """`jnp.where` over two pytrees, `flag` indexing the leading axes of every leaf.
-
-  E.g. a per-stream flag `[batch]` against a carry `[batch, ...]`, or a
-  per-step flag `[time]` against inputs `[time, batch, ...]`; leaves of
-  `on_false` may be 1 on those axes and broadcast.
-  """
-
-  def leaf(a, b):
-    f = jnp.reshape(flag, jnp.shape(flag) + (1,) * (a.ndim - jnp.ndim(flag)))
-    return jnp.where(f, a, b)
-
-  return jax.tree.map(leaf, on_true, on_false)

@@ -7,6 +7,7 @@ import pytest
 
 import tbptt_jax
 from tbptt_jax import linear_rnn
+from tbptt_jax.unroll import masked_step
 
 STATE, FEATURES, BATCH, TIME = 3, 2, 2, 7
 
@@ -26,19 +27,33 @@ def float64_case(seed=0):
   return cell, params, carry, xs, targets
 
 
-def test_its_scan_is_the_sequential_scan_of_its_step_float64():
-  """Values, and gradients with respect to parameters, carry and inputs, to 1e-12."""
+@pytest.mark.parametrize("with_resets", [False, True])
+def test_its_scan_is_the_sequential_scan_of_its_step_float64(with_resets):
+  """Values, and gradients with respect to parameters, carry and inputs, to 1e-12; with resets
+  (one at the first step, so that the carry handed in is dropped) the sequential scan restarts
+  from the reset carry as the engine's generic path does (`unroll.masked_step`)."""
   with jax.enable_x64(True):
     cell, params, carry, xs, _ = float64_case()
     xs = jnp.asarray(xs.transpose(1, 0, 2))  # time-major, as the engine hands a window over
     weights = jnp.asarray(np.random.default_rng(1).standard_normal((TIME, BATCH, FEATURES)))
+    resets = reset_carry = None
+    if with_resets:
+      resets = np.zeros((TIME, BATCH), bool)
+      resets[0, 1] = resets[3, 0] = resets[4, 0] = resets[5, 1] = True
+      reset_carry = tuple(jnp.full((BATCH, STATE), v) for v in (0.2, -0.1))
 
     def sequential(params, carry, xs):
-      final, outputs = jax.lax.scan(lambda c, x: cell.apply(params, c, x), carry, xs)
-      return final, outputs
+      def step(c, step):
+        x_t, reset_t = step
+        return masked_step(
+          cell.apply, params, c, x_t, reset_t=reset_t, reset_carry=reset_carry
+        )
+
+      return jax.lax.scan(step, carry, (xs, resets))
 
     def parallel(params, carry, xs):
-      final, outputs, _ = cell.scan(params, carry, xs)
+      resetting = {} if resets is None else dict(resets=resets, reset_carry=reset_carry)
+      final, outputs, _ = cell.scan(params, carry, xs, **resetting)
       return final, outputs
 
     def scalar(run):  # a function of every output and of the final carry
@@ -52,8 +67,9 @@ def test_its_scan_is_the_sequential_scan_of_its_step_float64():
     np.testing.assert_allclose(got[1], want[1], rtol=0, atol=1e-12)
     for a, b in zip(got[0], want[0], strict=True):
       np.testing.assert_allclose(a, b, rtol=0, atol=1e-12)
-    _, _, carries = cell.scan(params, carry, xs)
-    np.testing.assert_allclose(carries[0][-1], want[0][0], atol=1e-12)
+    resetting = {} if resets is None else dict(resets=resets, reset_carry=reset_carry)
+    _, _, carries = cell.scan(params, carry, xs, **resetting)
+    np.testing.assert_allclose(carries[0][-1], want[0][0], rtol=0, atol=1e-12)
     grads = [
       jax.grad(scalar(run), argnums=(0, 1, 2))(params, carry, xs) for run in (parallel, sequential)
     ]
@@ -65,13 +81,13 @@ def test_its_scan_is_the_sequential_scan_of_its_step_float64():
 @pytest.mark.parametrize("with_resets", [False, True])
 def test_the_engine_gives_its_step_by_steps_gradients(k1, k2, style, with_resets):
   """Through `cell_gradients`, the parallel scan's TBPTT(k1, k2) gradients and carry are the
-  step-by-step engine's (the same cell without `scan`); with resets the engine runs the steps,
-  the state restarting at each reset."""
+  step-by-step engine's (the same cell without `scan`), the state restarting at each reset
+  inside the parallel scan."""
   calls = []
 
-  def counted_scan(*args):
-    calls.append(1)
-    return linear_rnn._scan(*args)
+  def counted_scan(*args, **resetting):
+    calls.append(bool(resetting))
+    return linear_rnn._scan(*args, **resetting)
 
   with jax.enable_x64(True):
     cell, params, carry, xs, targets = float64_case(seed=2)
@@ -83,7 +99,7 @@ def test_the_engine_gives_its_step_by_steps_gradients(k1, k2, style, with_resets
       )
       for model in (cell._replace(scan=counted_scan), cell._replace(scan=None))
     ]
-  assert bool(calls) != with_resets  # the parallel scan ran, unless a reset was in the window
+  assert calls and any(calls) == with_resets  # the parallel scan ran, and was handed the resets
   for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1]), strict=True):
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-12)
 

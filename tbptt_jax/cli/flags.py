@@ -22,6 +22,10 @@ from tbptt_jax.artbp import ARTBP
 from tbptt_jax.cells import CELL_NAMES
 from tbptt_jax.data import LEVELS
 
+# --gradient: the trainer's `gradient` choices a command line can make ("online" is RTRL's
+# form for --cell lru).
+GRADIENTS = ("bptt", "rtrl")
+
 PROG = "tbptt-jax"
 TASKS = ("r2rt", "lm")
 OPTIMIZERS = {
@@ -156,6 +160,15 @@ def _add_truncation_flags(train: argparse.ArgumentParser) -> None:
     default_text="k1",
   )
   _add(train, "--style", choices=STYLES, default="window", help="truncation style")
+  _add(
+    train,
+    "--gradient",
+    choices=GRADIENTS,
+    default="bptt",
+    help="how each update's gradient reaches back: bptt (truncated, as --k2 and --style say) or "
+    "rtrl (real-time recurrent learning: through every past step, no truncation; with --cell "
+    "lru its diagonal online form; --task r2rt)",
+  )
   _add(
     train,
     "--delta",
@@ -439,8 +452,21 @@ def pick(value: Any, default: Any) -> Any:
   return default if value is None else value
 
 
-def truncation(args: argparse.Namespace, k1: int) -> tuple[int | tuple[int, ...], ARTBP | None]:
-  """The trainer's `k2` (an int, or the compiled set for --delta) and its `artbp` from the flags."""
+def truncation(
+  args: argparse.Namespace, k1: int
+) -> tuple[int | tuple[int, ...] | None, ARTBP | None]:
+  """The trainer's `k2` (an int, or the compiled set for --delta; None for --gradient rtrl)
+  and its `artbp` from the flags."""
+  if args.gradient == "rtrl":
+    given = {"--k2": args.k2, "--artbp": args.artbp, "--delta": args.delta}
+    given["--style"] = None if args.style == "window" else args.style
+    for flag, value in given.items():
+      if value is not None:
+        raise ValueError(
+          f"--gradient rtrl reaches every past step through the carried sensitivities, so "
+          f"{flag} cannot be given with it"
+        )
+    return None, None
   k2 = k1 if args.k2 is None else args.k2
   if isinstance(k2, list):
     if args.delta is None and args.artbp is None:
@@ -474,6 +500,8 @@ def naming_truncation(args: argparse.Namespace, k1: int) -> Iterator[None]:
     yield
   except ValueError as e:
     given = [f"--k1 {k1}", f"--k2 {_k2_text(args.k2, k1)}", f"--style {args.style}"]
+    if args.gradient != "bptt":  # k2 and style are not its
+      given = [f"--k1 {k1}", f"--gradient {args.gradient}"]
     if args.artbp is not None:
       given.append(f"--artbp {args.artbp:g}")
     if args.artbp_alpha is not None:

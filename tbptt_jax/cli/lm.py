@@ -145,6 +145,8 @@ def _take_defaults(args: argparse.Namespace) -> lm.Preset:
     raise ValueError("--task lm needs --data DIR, a folder of train/valid/test text files")
   if args.steps is not None:
     raise ValueError("--steps applies to --task r2rt; --task lm trains for --epochs")
+  if args.gradient != "bptt":  # a language model's sensitivity would not fit in memory
+    raise ValueError(f"--gradient {args.gradient} applies to --task r2rt")
   preset = lm.preset(args.preset)
   defaults = {
     "k1": preset.k,

@@ -20,9 +20,9 @@ import jax
 import numpy as np
 import optax
 
-from tbptt_jax import _files, synthetic
+from tbptt_jax import _files, linear_rnn, synthetic
 from tbptt_jax.artbp import ARTBP
-from tbptt_jax.cells import cell_by_name
+from tbptt_jax.cells import Cell, cell_by_name
 from tbptt_jax.cli import devices, flags, loop, report, session
 from tbptt_jax.streams import iterate_chunks
 from tbptt_jax.tensorboard import TensorBoardWriter
@@ -53,7 +53,7 @@ def train(
   _take_defaults(args)
   k2, artbp = flags.truncation(args, args.k1)
   out = session.prepare_out(args.out)
-  model = synthetic.model(*(cell_by_name(args.cell, args.hidden) for _ in range(args.layers)))
+  model, gradient = _model(args)
   loss_fn = optax.softmax_cross_entropy_with_integer_labels
   with flags.naming_truncation(args, args.k1):
     trainer = tbptt_trainer(
@@ -67,6 +67,7 @@ def train(
       unroll=args.unroll,
       artbp=artbp,
       mesh=mesh,
+      gradient=gradient,
     )
   # Every update sees k1 new steps of each of the batch_size streams.
   xs, ys = synthetic.independent_streams(args.seed, args.batch_size, args.steps * args.k1)
@@ -103,6 +104,17 @@ def train(
   if args.json:
     print(json.dumps(summary))
   return report.exit_status(summary)
+
+
+def _model(args: argparse.Namespace) -> tuple[Cell, str]:
+  """The task's network from the flags, and the trainer's `gradient`: with --gradient rtrl, an
+  LRU carries its own diagonal sensitivities (`online_lru`), any other cell is wrapped whole."""
+  online = args.gradient == "rtrl" and args.cell == "lru"
+  if online:
+    cells = [linear_rnn.lru_block(args.hidden, online=True) for _ in range(args.layers)]
+  else:
+    cells = [cell_by_name(args.cell, args.hidden) for _ in range(args.layers)]
+  return synthetic.model(*cells), "online" if online else args.gradient
 
 
 def _take_defaults(args: argparse.Namespace) -> None:
@@ -173,6 +185,7 @@ def _summary(
     "k1": args.k1,
     "k2": k2,
     "style": args.style,
+    "gradient": args.gradient,
     **report.truncation(args, state, choices, artbp),
     "optimizer": args.optimizer,
     "lr": args.lr,

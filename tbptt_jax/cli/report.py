@@ -40,6 +40,8 @@ def truncation(
 
 
 def truncation_text(k1: int, k2: Any, style: str, artbp: ARTBP | None, delta: Any) -> str:
+  if k2 is None:  # --gradient rtrl
+    return f"RTRL(k1={k1}, every past step)"
   if delta is not None:
     return f"adaptive TBPTT(k1={k1}, k2 in {list(k2)}, delta={delta:g}, {style})"
   if artbp is not None:
