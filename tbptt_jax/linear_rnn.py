@@ -39,12 +39,11 @@ import functools
 import math
 from typing import Any, NamedTuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from tbptt_jax import _checks
-import flax.linen as nn
-
 from tbptt_jax.cells import Cell, feedforward, stack
 from tbptt_jax.rtrl import RTRLCarry
 

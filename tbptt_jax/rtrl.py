@@ -17,12 +17,17 @@ entering as s_{t-1} + M_{t-1}(theta - theta_0): the derivative at theta_0 is the
 and returns the state through the same shift, whose value is zero and whose derivative carries
 M_{t-1}, so that the reverse pass of one step gives the whole history's gradient. Trained as
 
-    tbptt_trainer(rtrl_cell(model), loss_fn, optimizer, k1=k1, k2=1, style="per_loss")
+    tbptt_trainer(model, loss_fn, optimizer, k1=k1, gradient="rtrl")
 
-each update's gradient is the mean, over its block's k1 losses, of each loss's gradient through
-every past step: the gradient RTRL gives online (updates every k1 steps, k1 = 1 included), equal
-to full BPTT's gradient of the same losses at fixed parameters. Everything else is the
-trainer's: checkpoints, resets (the carry restarts at (s_0, 0)), sharding, metrics.
+(which wraps the model in `rtrl_cell` and runs each loss's reverse pass through its own step
+only, k2 = 1 per loss), each update's gradient is the mean, over its block's k1 losses, of
+each loss's gradient through every past step: the gradient RTRL gives online (updates every k1
+steps, k1 = 1 included), equal to full BPTT's gradient of the same losses at fixed parameters.
+Everything else is the trainer's: checkpoints, resets (the carry restarts at (s_0, 0)),
+sharding, metrics.
+
+For a diagonal linear recurrence the sensitivity is diagonal too: `linear_rnn.online_lru`
+carries it at the cost of the forward pass (Zucchet et al. 2023).
 
 References:
   R. J. Williams and D. Zipser, "A Learning Algorithm for Continually Running Fully Recurrent
@@ -88,9 +93,7 @@ def _initial_carry(cell: Cell, max_bytes: int, x_t: Any) -> RTRLCarry:
   """The cell's initial carry and a zero sensitivity: nothing is known before the first step."""
   state = cell.initial_carry(x_t)
   params = jax.eval_shape(cell.init, jax.random.key(0), x_t)  # shapes only, nothing drawn
-  state_size = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(state))
-  param_count = sum(math.prod(p.shape) for p in jax.tree.leaves(params))
-  itemsize = max((jnp.dtype(leaf.dtype).itemsize for leaf in jax.tree.leaves(state)), default=4)
+  state_size, param_count, itemsize = _sensitivity_shape(state, params)
   needed = state_size * param_count * itemsize
   if needed > max_bytes:
     raise ValueError(
@@ -105,6 +108,22 @@ def _initial_carry(cell: Cell, max_bytes: int, x_t: Any) -> RTRLCarry:
     return jax.tree.map(lambda p: jnp.zeros((*leaf.shape, *p.shape), leaf.dtype), params)
 
   return RTRLCarry(state, jax.tree.map(zeros_for, state))
+
+
+def sensitivity_bytes(cell: Cell, x_t: Any) -> int:
+  """The bytes `rtrl_cell(cell)`'s sensitivity takes for a batch like `x_t`: every stream's
+  state numbers times the parameter count times the state's item size. Nothing is computed."""
+  state = jax.eval_shape(cell.initial_carry, x_t)
+  params = jax.eval_shape(cell.init, jax.random.key(0), x_t)
+  return math.prod(_sensitivity_shape(state, params))
+
+
+def _sensitivity_shape(state: Any, params: Any) -> tuple[int, int, int]:
+  """(state numbers over all streams, parameter count, the state's item size)."""
+  state_size = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(state))
+  param_count = sum(math.prod(p.shape) for p in jax.tree.leaves(params))
+  itemsize = max((jnp.dtype(leaf.dtype).itemsize for leaf in jax.tree.leaves(state)), default=4)
+  return state_size, param_count, itemsize
 
 
 def _shifted(sensitivity: Any, state: Any, displacement: Any) -> Any:

@@ -157,6 +157,12 @@ def test_json_summary_and_outputs(tmp_path, capsys):
     (["train", "--tensorboard", "/proc/tbptt"], "--tensorboard: cannot create '/proc/tbptt'"),
     (["train", "--lr", "inf"], "argument --lr: expected a positive float, got 'inf'"),
     (["train", "--k1", "5", "--k2", "3"], "--k1 5, --k2 3, --style window: tbptt_trainer: "),
+    (["train", "--gradient", "rtrl", "--k2", "3"], "--gradient rtrl reaches every past step"),
+    (["train", "--gradient", "rtrl", "--style", "per_loss"], "so --style cannot be given with"),
+    (["train", "--gradient", "rtrl", "--artbp", "4"], "so --artbp cannot be given with it"),
+    (["train", "--task", "lm", "--data", "x", "--gradient", "rtrl"], "--gradient rtrl applies to"),
+    (["train", "--gradient", "rtrl", "--hidden", "256"], "lower --hidden or --batch-size, or"),
+    (["train", "--gradient", "bptt", "--cell", "lru", "--hidden", "0"], "argument --hidden: exp"),
     (
       ["train", "--k2", "10,60", "--delta", "0.1", "--updates-per-call", "5"],
       "--delta measures on the first 2 * max(k2) = 120 steps of a call, but a call has",
@@ -172,6 +178,19 @@ def test_bad_input_is_one_line_and_status_2(argv, message, capsys):
   assert "Traceback" not in stderr
   if argv:  # every error about an argument names its flag
     assert re.search(r"--[a-z]", stderr), stderr
+
+
+@pytest.mark.parametrize("cell", ["elman", "lru"])
+def test_rtrl_runs_record_their_gradient(cell, capsys):
+  """`--gradient rtrl` trains with RTRL (an LRU with its diagonal online form): updates every
+  step, the summary says so, and the loss is finite."""
+  argv = ["train", "--gradient", "rtrl", "--cell", cell, "--hidden", "4", "--k1", "1"]
+  status, stdout, _ = run([*argv, "--steps", "20", "--batch-size", "4", "--json"], capsys)
+  assert status == 0
+  summary = json.loads(stdout.strip().splitlines()[-1])
+  assert (summary["gradient"], summary["k1"], summary["k2"]) == ("rtrl", 1, None)
+  assert "RTRL(k1=1, every past step)" in stdout
+  assert np.isfinite(summary["final_loss"]) and summary["tokens"] == 20 * 4
 
 
 def test_version_and_every_flags_default_in_help(capsys):

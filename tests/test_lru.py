@@ -45,9 +45,7 @@ def test_its_scan_is_the_sequential_scan_of_its_step_float64(with_resets):
     def sequential(params, carry, xs):
       def step(c, step):
         x_t, reset_t = step
-        return masked_step(
-          cell.apply, params, c, x_t, reset_t=reset_t, reset_carry=reset_carry
-        )
+        return masked_step(cell.apply, params, c, x_t, reset_t=reset_t, reset_carry=reset_carry)
 
       return jax.lax.scan(step, carry, (xs, resets))
 

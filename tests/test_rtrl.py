@@ -151,7 +151,10 @@ def test_rtrl_memory_is_flat_in_the_sequence_length():
 @pytest.mark.parametrize(
   "kwargs,message",
   [
-    (dict(gradient="forward"), r"gradient must be one of \('bptt', 'rtrl', 'online'\), got 'forward'"),
+    (
+      dict(gradient="forward"),
+      r"gradient must be one of \('bptt', 'rtrl', 'online'\), got 'forward'",
+    ),
     (dict(gradient="rtrl", k2=3), r"gradient='rtrl' .* so k2 cannot be given with it, got k2=3"),
     (dict(gradient="online", style="per_loss"), "so style cannot be given with it"),
     (dict(gradient="rtrl", remat=2), "so remat cannot be given with it, got remat=2"),
@@ -178,6 +181,9 @@ def test_rtrl_refuses_a_sensitivity_above_its_memory_bound():
     gradient="online",
   )
   xs, _ = synthetic.streams(0, 8, 4)
-  message = r"rtrl_cell: the sensitivity would take 9,048,064 bytes .* max_sensitivity_bytes=1,048,576: raise it"
+  message = (
+    r"rtrl_cell: the sensitivity would take 9,048,064 bytes .* "
+    r"max_sensitivity_bytes=1,048,576: raise it"
+  )
   with pytest.raises(ValueError, match=message):
     trainer.init(jax.random.key(0), xs)

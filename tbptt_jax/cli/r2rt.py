@@ -20,7 +20,7 @@ import jax
 import numpy as np
 import optax
 
-from tbptt_jax import _files, linear_rnn, synthetic
+from tbptt_jax import _files, linear_rnn, rtrl, synthetic
 from tbptt_jax.artbp import ARTBP
 from tbptt_jax.cells import Cell, cell_by_name
 from tbptt_jax.cli import devices, flags, loop, report, session
@@ -114,7 +114,17 @@ def _model(args: argparse.Namespace) -> tuple[Cell, str]:
     cells = [linear_rnn.lru_block(args.hidden, online=True) for _ in range(args.layers)]
   else:
     cells = [cell_by_name(args.cell, args.hidden) for _ in range(args.layers)]
-  return synthetic.model(*cells), "online" if online else args.gradient
+  model = synthetic.model(*cells)
+  if args.gradient == "rtrl" and not online:
+    needed = rtrl.sensitivity_bytes(model, jax.ShapeDtypeStruct((args.batch_size,), np.int32))
+    if needed > rtrl.MAX_SENSITIVITY_BYTES:
+      raise ValueError(
+        f"--gradient rtrl: the sensitivity of --cell {args.cell} --hidden {args.hidden} "
+        f"--layers {args.layers} --batch-size {args.batch_size} would take {needed:,} bytes, "
+        f"above the bound of {rtrl.MAX_SENSITIVITY_BYTES:,}: lower --hidden or --batch-size, "
+        "or use --cell lru (its diagonal sensitivities)"
+      )
+  return model, "online" if online else args.gradient
 
 
 def _take_defaults(args: argparse.Namespace) -> None:
