@@ -38,12 +38,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
@@ -135,7 +137,8 @@ def _write(folder: str, state: TrainState, meta: dict) -> None:
   if jax.dtypes.issubdtype(state.rng.dtype, jax.dtypes.prng_key):
     rng_impl = str(jax.random.key_impl(state.rng))
     state = state._replace(rng=jax.random.key_data(state.rng))
-  args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+  saved = ocp.args.StandardSave(_without_empty(state))
+  args = ocp.args.Composite(state=saved, meta=ocp.args.JsonSave(meta))
   with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
     checkpointer.save(tmp, args=args)  # every process writes its own shards
   if jax.process_index() == 0:
@@ -224,13 +227,28 @@ def load_checkpoint(path: str | os.PathLike[str], like: TrainState) -> Checkpoin
   _check_leaves(where, path, manifest["leaves"], _leaves(template))
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), template)
-  args = ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore())
+  args = ocp.args.Composite(
+    state=ocp.args.StandardRestore(_without_empty(target)), meta=ocp.args.JsonRestore()
+  )
   with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
     restored = checkpointer.restore(path, args=args)
-  state = TrainState(*restored.state)
+  state = jax.tree.map(_refilled, target, TrainState(*restored.state))
   if typed_key:
     state = state._replace(rng=_typed_key(where, path, manifest, state.rng, like.rng))
   return Checkpoint(state, dict(restored.meta), path)
+
+
+def _without_empty(tree: Any) -> Any:
+  """`tree` with its arrays of no elements as None: orbax refuses to save them (a k2 = 1
+  trainer's lookback holds no step), and they hold nothing to save."""
+  return jax.tree.map(lambda a: a if math.prod(a.shape) else None, tree)
+
+
+def _refilled(target: jax.ShapeDtypeStruct, restored: Any) -> Any:
+  """A restored array, or the empty array that `_without_empty` left out."""
+  if restored is None:
+    return jax.device_put(jnp.zeros(target.shape, target.dtype), target.sharding)
+  return restored
 
 
 def _typed_key(where: str, path: str, manifest: dict, data: jax.Array, like: Any) -> jax.Array:

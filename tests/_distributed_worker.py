@@ -36,6 +36,7 @@ def relative(a, b) -> float:
 
 
 def trainer(style, k1, k2, mesh, artbp=None):
+  """k2 None: RTRL (`gradient="rtrl"`), every loss through every past step."""
   return tbptt_jax.tbptt_trainer(
     synthetic.model(tbptt_jax.elman(HIDDEN)),
     optax.softmax_cross_entropy_with_integer_labels,
@@ -45,6 +46,7 @@ def trainer(style, k1, k2, mesh, artbp=None):
     style=style,
     mesh=mesh,
     artbp=artbp,
+    gradient="bptt" if k2 is not None else "rtrl",
   )
 
 
@@ -81,6 +83,7 @@ def devices() -> dict:
     "per_loss": ("per_loss", 4, 6, None),
     "k2s": ("window", 4, (4, 8), None),  # the compiled set, switched between calls
     "artbp": ("window", 4, 8, tbptt_jax.ARTBP(3.0)),  # each stream's own random cuts
+    "rtrl": ("window", 4, None, None),  # the sensitivities carried with each stream
     "window": ("window", 4, 8, None),
   }
   for name, (style, k1, k2, artbp) in runs.items():
