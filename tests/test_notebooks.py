@@ -64,3 +64,9 @@ def test_other_libraries_runs_and_writes_its_figure(tmp_path, monkeypatch):
   """NNX, Equinox and Haiku cells train the r2rt task (the test extra installs both)."""
   run_notebook("other_libraries.ipynb", tmp_path, monkeypatch)
   assert_figures(tmp_path, "other_libraries.png")
+
+
+def test_beyond_truncation_runs_and_writes_its_figure(tmp_path, monkeypatch):
+  """RTRL against full BPTT, the LRU's parallel scan, and RTRL against TBPTT(1, k2) on r2rt."""
+  run_notebook("beyond_truncation.ipynb", tmp_path, monkeypatch)
+  assert_figures(tmp_path, "online_r2rt.png")
