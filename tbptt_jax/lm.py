@@ -9,7 +9,7 @@ with h_t^(0) = e_t, and D dropout on the non-recurrent connections only (the
 embedding, between layers and before the softmax; the carried states are never
 dropped), as in Zaremba, Sutskever & Vinyals (2014). With tied embeddings
 V = E (Press & Wolf 2017; Inan et al. 2017). Every parameter starts uniform in
-[-init_scale, init_scale].
+[-init_scale, init_scale], except an LRU's (`--cell lru`), which keeps the paper's.
 
 The model is a `Cell` whose step input is the token ids `w_t` `[batch]`, or
 `(w_t, rng_t)` with per-stream PRNG key data `[batch, 2]` for the dropout
@@ -44,6 +44,7 @@ import optax
 
 from tbptt_jax import _checks, _files
 from tbptt_jax.cells import CELL_NAMES, Cell, cell_by_name, full_step, map_steps
+from tbptt_jax.linear_rnn import LRUParams
 from tbptt_jax.streams import batchify
 from tbptt_jax.truncation import block_sizes
 from tbptt_jax.unroll import scan_steps, time_major
@@ -192,7 +193,15 @@ def _init(config: LMConfig, cells: tuple[Cell, ...], rng: jax.Array, x_t: Any) -
     else jnp.zeros((config.vocab_size, config.hidden), jnp.float32),
     bias=jnp.zeros((config.vocab_size,), jnp.float32),
   )
-  return uniform_init(keys[0], params, config.init_scale)
+  drawn = uniform_init(keys[0], params, config.init_scale)
+  # An LRU keeps its own initialisation: its eigenvalues on the ring and its input normalisation
+  # (Orvieto et al.); drawn uniform in +-0.1 instead, every |lambda| would start near exp(-1).
+  return jax.tree.map(
+    lambda new, own: own if isinstance(own, LRUParams) else new,
+    drawn,
+    params,
+    is_leaf=lambda node: isinstance(node, LRUParams),
+  )
 
 
 def _initial_carry(config: LMConfig, cells: tuple[Cell, ...], x_t: Any) -> tuple:

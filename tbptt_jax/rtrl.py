@@ -7,15 +7,17 @@ M_t = ds_t / dtheta, forward in time with the state:
 
 so that the gradient of a loss at step t through *every* earlier step (since the last reset)
 is dl_t/dtheta = (dl_t/dy_t)(dy_t/dtheta + (dy_t/ds_{t-1}) M_{t-1}), with memory that does not
-grow with the sequence: M has n x p numbers per stream (state size n, parameter count p) and
-each step costs about p forward evaluations of the step. It is affordable for small states,
-and it is the exact reference every truncation's bias is measured against.
+grow with the sequence: M has n x p numbers per stream (state size n, parameter count p), and
+each step costs O(n^2 p), the product (df/ds) M, plus n reverse passes of the step for the two
+Jacobians. It is affordable for small states, and it is the exact reference every
+truncation's bias is measured against.
 
-`rtrl_cell(cell)` makes it a cell of the library: its carry is `(s, M)`; its step computes M_t
-by forward-mode differentiation (`jax.jacfwd` of the step in the parameters, with the state
-entering as s_{t-1} + M_{t-1}(theta - theta_0): the derivative at theta_0 is the total one),
-and returns the state through the same shift, whose value is zero and whose derivative carries
-M_{t-1}, so that the reverse pass of one step gives the whole history's gradient. Trained as
+`rtrl_cell(cell)` makes it a cell of the library: its carry is `(s, M)`, M an [n, p] matrix per
+stream over the flattened state and parameters; its step computes df/dtheta and df/ds by
+reverse mode (`jax.jacrev`, n vector-Jacobian products) and carries M forward. The step's
+output is computed at the state s_{t-1} + M_{t-1}(theta - theta_0), whose shift is zero in
+value and whose derivative carries M_{t-1}, so that the reverse pass of one step gives the
+whole history's gradient. Trained as
 
     tbptt_trainer(model, loss_fn, optimizer, k1=k1, gradient="rtrl")
 
@@ -42,6 +44,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
 
 from tbptt_jax import _checks
 from tbptt_jax.cells import Cell, full_step
@@ -51,7 +54,8 @@ class RTRLCarry(NamedTuple):
   """The carry of an `rtrl_cell`: the cell's carry and its sensitivity to the parameters."""
 
   state: Any  # the cell's carry, leaves [batch, ...]
-  sensitivity: Any  # for each carry leaf, a tree like the parameters: [batch, *leaf, *param]
+  # ds/dtheta, [batch, n, p]: the state and the parameters each flattened (ravel_pytree order)
+  sensitivity: Any
 
 
 # The default bound on the sensitivity of all streams together (`rtrl_cell`).
@@ -104,10 +108,9 @@ def _initial_carry(cell: Cell, max_bytes: int, x_t: Any) -> RTRLCarry:
       "state or online_lru's diagonal sensitivities"
     )
 
-  def zeros_for(leaf: Any) -> Any:
-    return jax.tree.map(lambda p: jnp.zeros((*leaf.shape, *p.shape), leaf.dtype), params)
-
-  return RTRLCarry(state, jax.tree.map(zeros_for, state))
+  batch = jax.tree.leaves(state)[0].shape[0]
+  dtype = jax.tree.leaves(state)[0].dtype
+  return RTRLCarry(state, jnp.zeros((batch, state_size // batch, param_count), dtype))
 
 
 def sensitivity_bytes(cell: Cell, x_t: Any) -> int:
@@ -126,36 +129,36 @@ def _sensitivity_shape(state: Any, params: Any) -> tuple[int, int, int]:
   return state_size, param_count, itemsize
 
 
-def _shifted(sensitivity: Any, state: Any, displacement: Any) -> Any:
-  """state + M . displacement, for one stream: each carry leaf moved by its sensitivity to the
-  parameters contracted with a parameter displacement."""
-
-  def move(leaf: Any, leaf_sensitivity: Any) -> Any:
-    terms = jax.tree.map(
-      lambda m, d: jnp.tensordot(m, d, axes=d.ndim), leaf_sensitivity, displacement
-    )
-    return leaf + sum(jax.tree.leaves(terms))
-
-  return jax.tree.map(move, state, sensitivity)
-
-
 def _step(apply: Any, params: Any, carry: RTRLCarry, x_t: Any) -> tuple[RTRLCarry, Any]:
   """One step of every stream: the cell's step, and the sensitivity carried forward."""
   frozen = jax.lax.stop_gradient(params)
   old = jax.lax.stop_gradient(carry)
+  theta_0, unravel_params = ravel_pytree(frozen)
 
-  def one_stream(params: Any, state: Any, sensitivity: Any, x: Any) -> tuple[Any, Any]:
-    # The cell's step on a batch of one, at state + M (params - frozen): its value is the
-    # step's; its derivative in params is the total one, df/dtheta + df/ds M.
+  def one_stream(params: Any, state: Any, x: Any) -> tuple[Any, Any]:
     batch_of_one = functools.partial(jax.tree.map, lambda a: a[None])
-    moved = _shifted(sensitivity, state, jax.tree.map(jnp.subtract, params, frozen))
-    new_state, y = apply(params, batch_of_one(moved), batch_of_one(x))
+    new_state, y = apply(params, batch_of_one(state), batch_of_one(x))
     return jax.tree.map(lambda a: a[0], (new_state, y))
 
-  def new_sensitivity(state: Any, sensitivity: Any, x: Any) -> Any:
-    return jax.jacfwd(lambda p: one_stream(p, state, sensitivity, x)[0])(frozen)
+  def shifted(params: Any, state: Any, sensitivity: jax.Array, x: Any) -> tuple[Any, Any]:
+    # The step at s + M (theta - theta_0): its value is the step's; its derivative in the
+    # parameters is the total one, df/dtheta + df/ds M, which the engine's reverse pass reads.
+    s_0, unravel_state = ravel_pytree(state)
+    moved = s_0 + sensitivity @ (ravel_pytree(params)[0] - theta_0)
+    return one_stream(params, unravel_state(moved), x)
 
-  streams = jax.vmap(one_stream, in_axes=(None, 0, 0, 0))
-  state, y = streams(params, old.state, old.sensitivity, x_t)
-  sensitivity = jax.vmap(new_sensitivity)(old.state, old.sensitivity, x_t)
+  def carried(state: Any, sensitivity: jax.Array, x: Any) -> jax.Array:
+    # M_t = df/dtheta + (df/ds) M_{t-1}. Both Jacobians by reverse mode, n vector-Jacobian
+    # products of the step (forward mode would push p tangents, a p x p basis, through it);
+    # the product with M is RTRL's O(n^2 p).
+    s_0, unravel_state = ravel_pytree(state)
+
+    def flat_step(theta: jax.Array, s: jax.Array) -> jax.Array:
+      return ravel_pytree(one_stream(unravel_params(theta), unravel_state(s), x)[0])[0]
+
+    d_theta, d_state = jax.jacrev(flat_step, argnums=(0, 1))(theta_0, s_0)
+    return d_theta + d_state @ sensitivity
+
+  state, y = jax.vmap(shifted, in_axes=(None, 0, 0, 0))(params, old.state, old.sensitivity, x_t)
+  sensitivity = jax.vmap(carried)(old.state, old.sensitivity, x_t)
   return RTRLCarry(state, jax.lax.stop_gradient(sensitivity)), y

@@ -315,3 +315,14 @@ def test_cross_entropy_is_optax():
     lm.cross_entropy(logits, targets),
     optax.softmax_cross_entropy_with_integer_labels(logits, targets),
   )
+
+
+def test_an_lru_layer_keeps_its_own_initialisation():
+  """The uniform +-init_scale draw covers every parameter but an LRU's: its |lambda| stay on the
+  paper's ring (uniform in area on [0, 1] here), not near exp(-exp(+-0.1)) ~ 0.37."""
+  model = lm.language_model(lm.LMConfig(vocab_size=50, hidden=64, layers=1, cell="lru"))
+  params = model.init(jax.random.key(0), jnp.zeros((2,), jnp.int32))
+  projection, lru_params, _ = params.layers[0]
+  modulus = np.exp(-np.exp(np.asarray(lru_params.nu_log)))
+  assert modulus.max() > 0.6 and modulus.min() < 0.2, modulus
+  assert float(jnp.abs(projection["params"]["kernel"]).max()) <= 0.1
