@@ -17,9 +17,12 @@ Four parts, each selectable with `--part NAME` (repeatable; default all):
   `--max-sensitivity-mib` (rtrl_cell refuses it) or whose compiled update needs more than
   `--max-temp-mib` of XLA temporaries is skipped, with what it would need.
 * `window`: chunked TBPTT(k, k) of an LRU block whose windows run as an associative scan
-  (`lru`'s `Cell.scan`) against the same model looped step by step (`model._replace(scan=None)`),
-  alternated; the first call's losses of the two are compared (the same function).
-* `lm`: the LRU (`LMConfig(cell="lru")`, i.e. `lru_block`) against the LSTM
+  (`lru(scan="associative")`), as a loop of the elementwise recurrence with the projections
+  hoisted out (`scan="sequential"`, what `"auto"` picks on a CPU), and looped step by step by
+  the engine (`model._replace(scan=None)`), alternated; the first call's losses of the three
+  are compared (the same function).
+* `lm`: the LRU (`LMConfig(cell="lru")`, i.e. `lru_block`, its window as `"auto"` picks)
+  against the LSTM
   (`optimized_lstm`) in a one-layer language model, the LRU's width chosen so that its
   recurrent layer has about the LSTM's parameter count, on PTB words (TBPTT(35, 35)) and
   tiny-shakespeare characters (TBPTT(100, 100)); both trained with Adam for the same
@@ -37,6 +40,8 @@ Usage (from the repository root):
   python benchmarks/online.py                          # every part: about 30 minutes
   python benchmarks/online.py --quick                  # smoke run: about 2.5 minutes
   python benchmarks/online.py --part r2rt --part window --out online.json
+  python benchmarks/online.py --out benchmarks/results/online.json \
+      --plot benchmarks/results/online.png                   # what RESULTS.md records
 """
 
 from __future__ import annotations
@@ -103,6 +108,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument("--quick", action="store_true", help="small settings: all parts in ~2 minutes")
   p.add_argument("--out", help="write every result, with the machine, to this JSON file")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--plot", help="with --out: write the figure to this PNG file")
+  p.add_argument(
+    "--plot-from", action="append", help="only draw --plot from these earlier --out JSON files"
+  )
   g = p.add_argument_group("r2rt")
   g.add_argument("--hidden", type=int, default=16, help="Elman state and LRU width (16)")
   g.add_argument("--batch-size", type=int, default=32, help="streams (32)")
@@ -414,21 +423,29 @@ def print_rtrl_cost(rows: list[dict]) -> None:
   print("\nus / step: median call time (alternated) / steps per call; x TBPTT(1,1): same size.")
 
 
-# Part 3: the LRU's associative scan against its step-by-step loop.
+# Part 3: the LRU's window: associative scan, hoisted loop, and the engine's step-by-step loop.
+
+WINDOW_KINDS = ("associative", "sequential", "stepwise")
+
+
+def window_model(args: argparse.Namespace, kind: str) -> tj.Cell:
+  """The r2rt model around an LRU block whose windows run as `kind`: `lru`'s associative scan,
+  its hoisted loop (`scan="sequential"`), or the engine's loop of its step (no `Cell.scan`)."""
+  if kind == "stepwise":
+    return synthetic.model(tj.lru_block(args.window_hidden))._replace(scan=None)
+  return synthetic.model(tj.lru_block(args.window_hidden, scan=kind))
 
 
 def part_window(args: argparse.Namespace, rows: list[dict]) -> None:
-  """Times chunked TBPTT(k, k) of an LRU block with its windows as `jax.lax.associative_scan`
-  and as a sequential loop of the same step, alternated; checks that their losses agree."""
-  model = synthetic.model(tj.lru_block(args.window_hidden))
+  """Times chunked TBPTT(k, k) of an LRU block with its windows as `jax.lax.associative_scan`,
+  as a loop of the elementwise recurrence with the projections hoisted out of it, and as the
+  engine's loop of the whole step, alternated; checks that their losses agree."""
   for k in args.ks:
     steps = k * max(1, args.window_steps // k)
     xs, ys = chunks(synthetic.streams(args.seed, args.window_batch, steps), steps)[0]
     runs = {
-      "associative": Run(r2rt_trainer(model, args.lr, k, k2=k), xs, ys, seed=args.seed),
-      "sequential": Run(
-        r2rt_trainer(model._replace(scan=None), args.lr, k, k2=k), xs, ys, seed=args.seed
-      ),
+      kind: Run(r2rt_trainer(window_model(args, kind), args.lr, k, k2=k), xs, ys, seed=args.seed)
+      for kind in WINDOW_KINDS
     }
     times = common.alternate(runners(runs, xs, ys), args.window_seconds, 3, first="associative")
     us = {name: statistics.median(t) / steps * 1e6 for name, t in times.items()}
@@ -439,13 +456,13 @@ def part_window(args: argparse.Namespace, rows: list[dict]) -> None:
         "part": "window",
         "k": k,
         "steps_per_call": steps,
-        "us_per_step_associative": us["associative"],
-        "us_per_step_sequential": us["sequential"],
-        "sequential_over_associative": us["sequential"] / us["associative"],
+        **{f"us_per_step_{kind}": us[kind] for kind in WINDOW_KINDS},
+        **{f"{kind}_over_associative": us[kind] / us["associative"] for kind in WINDOW_KINDS[1:]},
         "rounds": len(times["associative"]),
-        "first_call_max_loss_difference": float(np.max(np.abs(first[0] - first[1]))),
-        "temp_bytes_associative": runs["associative"].memory()["temp_bytes"],
-        "temp_bytes_sequential": runs["sequential"].memory()["temp_bytes"],
+        "first_call_max_loss_difference": max(
+          float(np.max(np.abs(other - first[0]))) for other in first[1:]
+        ),
+        **{f"temp_bytes_{kind}": runs[kind].memory()["temp_bytes"] for kind in WINDOW_KINDS},
       },
     )
 
@@ -454,17 +471,19 @@ WINDOW_COLUMNS = [
   ("k1 = k2", "k", ""),
   ("steps / call", "steps_per_call", "{:,}"),
   ("us / step, associative", "us_per_step_associative", "{:,.2f}"),
-  ("us / step, sequential", "us_per_step_sequential", "{:,.2f}"),
-  ("sequential / associative", "sequential_over_associative", "{:.2f}"),
+  ("us / step, hoisted loop", "us_per_step_sequential", "{:,.2f}"),
+  ("us / step, step by step", "us_per_step_stepwise", "{:,.2f}"),
+  ("hoisted / assoc.", "sequential_over_associative", "{:.2f}"),
+  ("step by step / assoc.", "stepwise_over_associative", "{:.2f}"),
   ("XLA temp MiB, assoc.", "temp_mib_associative", "{:,.2f}"),
-  ("XLA temp MiB, seq.", "temp_mib_sequential", "{:,.2f}"),
+  ("XLA temp MiB, hoisted", "temp_mib_sequential", "{:,.2f}"),
   ("max |loss diff|", "first_call_max_loss_difference", "{:.1e}"),
 ]
 
 
 def print_window(rows: list[dict]) -> None:
   shown = [with_units(r, "mib", 2**20) for r in rows]
-  print("\n## LRU block: associative scan against the sequential loop, TBPTT(k, k)\n")
+  print("\n## LRU block: associative scan, hoisted loop and step-by-step loop, TBPTT(k, k)\n")
   print(table(shown, WINDOW_COLUMNS))
   print("\nus / step: median call time (alternated) / steps per call; loss diff: first call.")
 
@@ -613,8 +632,58 @@ PART_FUNCTIONS = {
 }
 
 
+def plot(record: dict, path: str) -> None:
+  """The figure of a run's record: r2rt's final losses against the reference levels, RTRL's
+  time per step against the state size, and the associative window against the loop."""
+  import matplotlib  # noqa: PLC0415 (only this needs it)
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # noqa: PLC0415
+
+  rows = record["results"]
+  fig, (a, b, c) = plt.subplots(1, 3, figsize=(15, 4.2))
+  r2rt = [r for r in rows if r["part"] == "r2rt"]
+  a.bar([r["method"] for r in r2rt], [r["final_loss"] for r in r2rt], color="tab:gray")
+  levels = synthetic.reference_losses()
+  references = ((levels.lag3, "X(t-3) only", "tab:orange"), (levels.both, "both", "tab:green"))
+  for value, label, colour in references:
+    a.axhline(value, ls="--", lw=1, color=colour, label=f"{label} {value:.4f}")
+  a.set(ylim=(0.44, 0.7), ylabel="final loss (nats)", title="r2rt, an update every step")
+  a.tick_params(axis="x", rotation=45)
+  a.legend(fontsize=8)
+  cost = [r for r in rows if r["part"] == "rtrl_cost" and r.get("us_per_step")]
+  for method in dict.fromkeys(r["method"] for r in cost):
+    mine = [r for r in cost if r["method"] == method]
+    b.loglog([r["state"] for r in mine], [r["us_per_step"] for r in mine], "o-", label=method)
+  b.set(xlabel="state size n", ylabel="us per step (median)", title="cost per step")
+  b.legend(fontsize=8)
+  window = [r for r in rows if r["part"] == "window"]
+  kinds = (("associative", "associative scan"), ("sequential", "hoisted loop"))
+  for key, label in (*kinds, ("stepwise", "step by step")):
+    if window and f"us_per_step_{key}" in window[0]:  # records before the hoisted loop lack it
+      us = [r[f"us_per_step_{key}"] for r in window]
+      c.loglog([r["k"] for r in window], us, "o-", label=label)
+  c.set(xlabel="k1 = k2", ylabel="us per step (median)", title="LRU window, TBPTT(k, k)")
+  c.legend(fontsize=8)
+  fig.suptitle(f"benchmarks/online.py, {record['date']}, {record['machine']['cpu_model']}")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  print(f"wrote {path}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   args = parse_args(argv)
+  if args.plot_from:  # each part from the last file that holds it
+    records = []
+    for path in args.plot_from:
+      with open(path) as f:
+        records.append(json.load(f))
+    parts: dict[str, list[dict]] = {}
+    for record in records:
+      for part in {r["part"] for r in record["results"]}:
+        parts[part] = [r for r in record["results"] if r["part"] == part]
+    plot({**records[-1], "results": [r for rows in parts.values() for r in rows]}, args.plot)
+    return 0
   start = time.perf_counter()
   machine = common.machine()
   print(f"# online gradients and the LRU against truncation\ncommand: python {' '.join(sys.argv)}")
@@ -635,6 +704,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     with open(args.out, "w") as f:
       json.dump(record, f, indent=2)
     print(f"wrote {args.out}")
+    if args.plot:
+      plot(record, args.plot)
   return 0
 
 

@@ -29,6 +29,12 @@ b_t = lambda h_reset + gamma B x_t: the state restarts from the reset carry and 
 crosses it, inside the same parallel scan. Only the padding the engine puts before a
 sequence's first step runs through `apply` one step at a time (its generic path).
 
+The parallel scan does more arithmetic than the loop (it sweeps the maps up and down), which
+pays on a GPU or TPU, where one small step leaves the device idle, and not on a CPU: there the
+same maps applied in a `jax.lax.scan` are faster (`lru(..., scan=...)`; `"auto"` picks by
+backend). Either way the input and output projections, B x_t and Re(C h_t), run for the whole
+window at once, outside the loop.
+
 The carry is the real and imaginary parts of h, `(h_re, h_im)`, each `[batch, N]`: real arrays,
 as every part of the library (diagnostics, sharding, checkpoints) expects.
 """
@@ -76,6 +82,7 @@ def lru(
   r_max: float = 1.0,
   max_phase: float = 2 * math.pi,
   param_dtype: Any = jnp.float32,
+  scan: str = "auto",
 ) -> Cell:
   """An LRU layer of `state_size` complex units, as a `Cell` (see the module docstring).
 
@@ -89,10 +96,18 @@ def lru(
       for its long-range tasks).
     max_phase: arg(lambda) is drawn from [0, max_phase] (default 2 pi).
     param_dtype: dtype of the parameters and of the carry.
+    scan: how a window's states are computed, the same function either way:
+      `"associative"` (`jax.lax.associative_scan`, log T deep: for GPUs and
+      TPUs), `"sequential"` (a `jax.lax.scan` of the elementwise recurrence,
+      the input and output projections hoisted out of the loop: faster on a
+      CPU, where the parallel scan's extra arithmetic is not paid back; on 2
+      cores the parallel scan took about twice its time from k = 30 to 1000,
+      benchmarks/RESULTS.md section 13), or `"auto"` (associative, except on
+      a CPU backend).
 
   Returns:
-    A `Cell` with `apply` (one step) and `scan` (a window as an associative
-    scan, the same function); input steps are `[batch, H]`.
+    A `Cell` with `apply` (one step) and `scan` (a window at once, the same
+    function); input steps are `[batch, H]`.
 
   Example:
     >>> cell = lru(32, r_min=0.9, r_max=0.999)
@@ -107,17 +122,23 @@ def lru(
     S. De, "Resurrecting Recurrent Neural Networks for Long Sequences", ICML 2023.
   """
   settings = _settings("lru", state_size, r_min, r_max, max_phase, param_dtype)
+  if scan not in SCANS:
+    raise ValueError(f"lru: scan must be one of {SCANS}, got {scan!r}")
   return Cell(
     init=functools.partial(_init, settings),
     initial_carry=functools.partial(_initial_carry, settings),
     apply=_step,
-    scan=_scan,
+    scan=functools.partial(_scan, scan),
     scan_resets=True,
   )
 
 
+# How `lru`'s `scan` runs a window: see its `scan` argument.
+SCANS = ("auto", "associative", "sequential")
+
+
 def lru_block(
-  features: int, *, state_size: int | None = None, online: bool = False, **ring: Any
+  features: int, *, state_size: int | None = None, online: bool = False, **options: Any
 ) -> Cell:
   """An LRU as a recurrent layer of width `features`, the way the paper uses it: a linear
   projection of the input to `features`, the LRU (`state_size` complex units, default
@@ -129,14 +150,15 @@ def lru_block(
     state_size: N, default `features`.
     online: use `online_lru` (the diagonal online sensitivities, for
       `tbptt_trainer(..., gradient="online")`); the parameters are the same.
-    **ring: `r_min`, `r_max`, `max_phase`, `param_dtype`, passed to the LRU.
+    **options: `r_min`, `r_max`, `max_phase`, `param_dtype` (and, unless
+      online, `scan`), passed to the LRU.
   """
   features = _checks.positive_int("lru_block", "features", features)
   make = online_lru if online else lru
-  dtype = ring.get("param_dtype", jnp.float32)
+  dtype = options.get("param_dtype", jnp.float32)
   return stack(
     feedforward(nn.Dense(features, param_dtype=dtype)),
-    make(features if state_size is None else state_size, **ring),
+    make(features if state_size is None else state_size, **options),
     feedforward(nn.Sequential([nn.Dense(features, param_dtype=dtype), nn.gelu])),
   )
 
@@ -213,6 +235,7 @@ def _compose(earlier: tuple, later: tuple) -> tuple:
 
 
 def _scan(
+  kind: str,
   params: LRUParams,
   carry: tuple[jax.Array, jax.Array],
   xs: jax.Array,
@@ -222,14 +245,14 @@ def _scan(
   reset_carry: tuple[jax.Array, jax.Array] | None = None,
 ) -> tuple[tuple[jax.Array, jax.Array], jax.Array, tuple[jax.Array, jax.Array]]:
   """`jax.lax.scan` of `_step` over the leading (time) axis of `xs` [T, batch, H], computed as
-  an associative scan: the carry after the last step, the outputs and the carries of all steps.
+  one associative scan or one loop of the elementwise recurrence (`kind`, `lru`'s `scan`): the
+  carry after the last step, the outputs and the carries of all steps.
 
   A reset before step t (`resets[t, b]`, `[T, batch]` bool) makes step t's map constant,
   h -> lambda h_reset + b_t (a_t = 0): the state restarts from `reset_carry`, and nothing, the
-  gradient included, crosses from the steps before. `unroll` is accepted for the `Cell.scan`
-  contract; a parallel scan has no loop to unroll.
+  gradient included, crosses from the steps before. `unroll` is the sequential loop's (a
+  parallel scan has none).
   """
-  del unroll
   lam = _eigenvalues(params)
   b = _driven_input(params, xs)  # [T, batch, N]
   a = jnp.broadcast_to(lam, b.shape)
@@ -240,7 +263,16 @@ def _scan(
     if reset_carry is not None:  # else zeros, as `unroll.scan_steps` defaults it
       b = b + jnp.where(restart, lam * (reset_carry[0] + 1j * reset_carry[1]), 0)
     entering = jnp.where(restart[0], 0, entering)
-  _, h = jax.lax.associative_scan(_compose, (a, b.at[0].add(entering)))
+  b = b.at[0].add(entering)
+  if kind == "associative" or (kind == "auto" and jax.default_backend() != "cpu"):
+    _, h = jax.lax.associative_scan(_compose, (a, b))
+  else:  # the same maps applied one after another: h_t = a_t h_{t-1} + b_t from h_0 = 0
+
+    def step(h: jax.Array, map_t: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+      h = map_t[0] * h + map_t[1]
+      return h, h
+
+    _, h = jax.lax.scan(step, jnp.zeros_like(b[0]), (a, b), unroll=unroll)
   states = (h.real, h.imag)
   return (h.real[-1], h.imag[-1]), _read_out(params, h, xs), states
 

@@ -16,9 +16,9 @@ def half_squared_error(out, target):
   return 0.5 * jnp.sum((out - target) ** 2, axis=-1)
 
 
-def float64_case(seed=0):
+def float64_case(seed=0, scan="associative"):
   """The cell at float64 with random parameters, carry, inputs and targets."""
-  cell = tbptt_jax.lru(STATE, r_min=0.5, r_max=0.99, param_dtype=jnp.float64)
+  cell = tbptt_jax.lru(STATE, r_min=0.5, r_max=0.99, param_dtype=jnp.float64, scan=scan)
   rng = np.random.default_rng(seed)
   xs = rng.standard_normal((BATCH, TIME, FEATURES))
   params = cell.init(jax.random.key(seed), jnp.asarray(xs[:, 0]))
@@ -27,13 +27,16 @@ def float64_case(seed=0):
   return cell, params, carry, xs, targets
 
 
-@pytest.mark.parametrize("with_resets", [False, True])
-def test_its_scan_is_the_sequential_scan_of_its_step_float64(with_resets):
-  """Values, and gradients with respect to parameters, carry and inputs, to 1e-12; with resets
-  (one at the first step, so that the carry handed in is dropped) the sequential scan restarts
-  from the reset carry as the engine's generic path does (`unroll.masked_step`)."""
+@pytest.mark.parametrize(
+  "scan,with_resets", [("associative", False), ("associative", True), ("sequential", True)]
+)
+def test_its_scan_is_the_sequential_scan_of_its_step_float64(scan, with_resets):
+  """Values, and gradients with respect to parameters, carry and inputs, to 1e-12, of the
+  parallel scan and of the hoisted loop; with resets (one at the first step, so that the carry
+  handed in is dropped) the scan of the step restarts from the reset carry as the engine's
+  generic path does (`unroll.masked_step`)."""
   with jax.enable_x64(True):
-    cell, params, carry, xs, _ = float64_case()
+    cell, params, carry, xs, _ = float64_case(scan=scan)
     xs = jnp.asarray(xs.transpose(1, 0, 2))  # time-major, as the engine hands a window over
     weights = jnp.asarray(np.random.default_rng(1).standard_normal((TIME, BATCH, FEATURES)))
     resets = reset_carry = None
@@ -85,7 +88,7 @@ def test_the_engine_gives_its_step_by_steps_gradients(k1, k2, style, with_resets
 
   def counted_scan(*args, **resetting):
     calls.append(bool(resetting))
-    return linear_rnn._scan(*args, **resetting)
+    return linear_rnn._scan("associative", *args, **resetting)
 
   with jax.enable_x64(True):
     cell, params, carry, xs, targets = float64_case(seed=2)
@@ -142,6 +145,7 @@ def test_trains_the_synthetic_task_as_a_cell_of_a_stack():
     (dict(state_size=4, r_min=0.9, r_max=0.5), r"0 <= r_min < r_max <= 1, got r_min=0.9"),
     (dict(state_size=4, r_max=1.5), r"r_max=1.5"),
     (dict(state_size=4, max_phase=0.0), "max_phase must be > 0, got 0.0"),
+    (dict(state_size=4, scan="fast"), r"scan must be one of \('auto', 'associative', 'sequ"),
   ],
 )
 def test_bad_arguments(kwargs, message):
