@@ -214,6 +214,8 @@ def test_cell_by_name_returns_working_cell(name):
   params = cell.init(jax.random.key(0), x_t)
   if name == "elman":
     assert isinstance(params, tbptt_jax.ElmanParams)
+  elif name == "lru":  # lru_block: projection, LRU, GELU layer
+    assert isinstance(params[1], tbptt_jax.LRUParams) and params[1].B_re.shape == (4, 4)
   else:
     module = _FLAX_CELL_CLASSES[name](features=4)
     want = module.init(jax.random.key(0), module.initialize_carry(jax.random.key(0), (2, 3)), x_t)
@@ -227,7 +229,7 @@ def test_cell_by_name_returns_working_cell(name):
 
 
 def test_cell_names_are_the_documented_ones():
-  assert set(tbptt_jax.CELL_NAMES) == {"elman", *_FLAX_CELL_CLASSES}
+  assert set(tbptt_jax.CELL_NAMES) == {"elman", "lru", *_FLAX_CELL_CLASSES}
 
 
 def test_cell_by_name_unknown_name_raises():
