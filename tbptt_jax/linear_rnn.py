@@ -208,10 +208,24 @@ def _eigenvalues(params: LRUParams) -> jax.Array:
   return jnp.exp(-jnp.exp(params.nu_log) + 1j * jnp.exp(params.theta_log))
 
 
+def _projected(params: LRUParams, x: jax.Array) -> jax.Array:
+  """B x for rows x [..., H], [..., N] complex."""
+  return x @ params.B_re + 1j * (x @ params.B_im)
+
+
 def _driven_input(params: LRUParams, x: jax.Array) -> jax.Array:
   """gamma * (B x) for rows x [..., H]: the input each state unit adds, [..., N] complex."""
-  b = x @ params.B_re + 1j * (x @ params.B_im)
-  return jnp.exp(params.gamma_log) * b
+  return jnp.exp(params.gamma_log) * _projected(params, x)
+
+
+def _complex(pair: tuple[jax.Array, jax.Array]) -> jax.Array:
+  """h from the carry's `(Re h, Im h)`."""
+  return pair[0] + 1j * pair[1]
+
+
+def _parts(z: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """`(Re z, Im z)`: complex numbers as the real arrays the carry holds."""
+  return z.real, z.imag
 
 
 def _read_out(params: LRUParams, h: jax.Array, x: jax.Array) -> jax.Array:
@@ -223,8 +237,8 @@ def _step(
   params: LRUParams, carry: tuple[jax.Array, jax.Array], x_t: jax.Array
 ) -> tuple[tuple[jax.Array, jax.Array], jax.Array]:
   """One step: h_t = lambda h_{t-1} + gamma B x_t, y_t = Re(C h_t) + D x_t."""
-  h = _eigenvalues(params) * (carry[0] + 1j * carry[1]) + _driven_input(params, x_t)
-  return (h.real, h.imag), _read_out(params, h, x_t)
+  h = _eigenvalues(params) * _complex(carry) + _driven_input(params, x_t)
+  return _parts(h), _read_out(params, h, x_t)
 
 
 def _compose(earlier: tuple, later: tuple) -> tuple:
@@ -256,12 +270,12 @@ def _scan(
   lam = _eigenvalues(params)
   b = _driven_input(params, xs)  # [T, batch, N]
   a = jnp.broadcast_to(lam, b.shape)
-  entering = lam * (carry[0] + 1j * carry[1])  # the carry in, folded into step 1
+  entering = lam * _complex(carry)  # the carry in, folded into step 1
   if resets is not None:
     restart = resets[..., None]  # [T, batch, 1]
     a = jnp.where(restart, 0, a)
     if reset_carry is not None:  # else zeros, as `unroll.scan_steps` defaults it
-      b = b + jnp.where(restart, lam * (reset_carry[0] + 1j * reset_carry[1]), 0)
+      b = b + jnp.where(restart, lam * _complex(reset_carry), 0)
     entering = jnp.where(restart[0], 0, entering)
   b = b.at[0].add(entering)
   if kind == "associative" or (kind == "auto" and jax.default_backend() != "cpu"):
@@ -273,8 +287,7 @@ def _scan(
       return h, h
 
     _, h = jax.lax.scan(step, jnp.zeros_like(b[0]), (a, b), unroll=unroll)
-  states = (h.real, h.imag)
-  return (h.real[-1], h.imag[-1]), _read_out(params, h, xs), states
+  return _parts(h[-1]), _read_out(params, h, xs), _parts(h)
 
 
 class LRUTraces(NamedTuple):
@@ -345,14 +358,6 @@ def _online_initial_carry(settings: _Settings, x_t: Any) -> RTRLCarry:
   return RTRLCarry(state, LRUTraces(state, state, (zeros_bhn, zeros_bhn)))
 
 
-def _complex(pair: tuple[jax.Array, jax.Array]) -> jax.Array:
-  return pair[0] + 1j * pair[1]
-
-
-def _parts(z: jax.Array) -> tuple[jax.Array, jax.Array]:
-  return z.real, z.imag
-
-
 def _online_step(
   params: LRUParams, carry: RTRLCarry, x_t: jax.Array
 ) -> tuple[RTRLCarry, jax.Array]:
@@ -361,7 +366,7 @@ def _online_step(
   lam, gamma = _eigenvalues(frozen), jnp.exp(frozen.gamma_log)
   x = jax.lax.stop_gradient(x_t)
   h_prev = _complex(carry.state)
-  bx = x @ frozen.B_re + 1j * (x @ frozen.B_im)  # B x_t, [batch, N]
+  bx = _projected(frozen, x)  # B x_t, [batch, N]
   h = lam * h_prev + gamma * bx
   traces = carry.sensitivity
   e = lam * _complex(traces.lam) + h_prev

@@ -499,8 +499,9 @@ def naming_truncation(args: argparse.Namespace, k1: int) -> Iterator[None]:
   try:
     yield
   except ValueError as e:
-    given = [f"--k1 {k1}", f"--k2 {_k2_text(args.k2, k1)}", f"--style {args.style}"]
-    if args.gradient != "bptt":  # k2 and style are not its
+    if args.gradient == "bptt":
+      given = [f"--k1 {k1}", f"--k2 {_k2_text(args.k2, k1)}", f"--style {args.style}"]
+    else:  # k2 and style are not its
       given = [f"--k1 {k1}", f"--gradient {args.gradient}"]
     if args.artbp is not None:
       given.append(f"--artbp {args.artbp:g}")
