@@ -28,11 +28,13 @@ pays for one by one (RESULTS.md, section 7). `full_step` and `output` are the
 step on the cell's own inputs, whatever it hoists.
 
 A cell may also bring its own `scan`: the same function as `jax.lax.scan` of
-its `apply` over a window, with a backward pass written for it. `elman`'s
-runs the chain rule back through the states alone and computes the weight
-gradients of all steps after the loop, one matrix product each, where
-differentiating the scan accumulates them step by step inside the loop. The
-engine uses a cell's `scan` wherever a run has no resets or padding.
+its `apply` over a window, with a backward pass written for it. `elman`'s,
+and those `flax_cell` gives Flax's LSTMs and GRU (`gated`), project the
+inputs of all steps before the loop, run the chain rule back through the
+states alone and compute the weight gradients of all steps after the loop,
+one matrix product each, where differentiating the scan accumulates them step
+by step inside the loop. The engine uses a cell's `scan` wherever a run has
+no resets or padding.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from tbptt_jax import _checks, _layers
+from tbptt_jax import _checks, _layers, gated
 
 Params = Any
 Carry = Any
@@ -336,6 +338,9 @@ def flax_cell(module: nn.RNNCellBase) -> Cell:
 
   `apply` is the module's own `.apply`; parameters are the module's variables
   (`{"params": ...}`), and the carry is the module's `initialize_carry`.
+  `nn.LSTMCell`, `nn.OptimizedLSTMCell` and `nn.GRUCell` as Flax defines them
+  also get a `scan`, the same function with a cuDNN-style backward pass
+  (`gated.flax_scan`).
 
   Args:
     module: any `flax.linen` recurrent cell: `nn.SimpleCell`, `nn.LSTMCell`,
@@ -362,7 +367,8 @@ def flax_cell(module: nn.RNNCellBase) -> Cell:
   def initial_carry(x_t: Any) -> Carry:
     return module.initialize_carry(jax.random.key(_CARRY_KEY), x_t.shape)
 
-  return Cell(init, initial_carry, module.apply)
+  # Flax's LSTMs and GRU get a window scan with a cuDNN-style backward pass (`gated`).
+  return Cell(init, initial_carry, module.apply, scan=gated.flax_scan(module))
 
 
 def feedforward(layer: nn.Module | Callable[[jax.Array], jax.Array]) -> Cell:

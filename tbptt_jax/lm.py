@@ -159,6 +159,7 @@ def language_model(config: LMConfig) -> Cell:
     initial_carry=functools.partial(_initial_carry, config, cells),
     apply=functools.partial(_apply, config, cells),
     head=_head,
+    scan=functools.partial(_scan, config, cells),
   )
 
 
@@ -215,13 +216,7 @@ def _apply(
   config: LMConfig, cells: tuple[Cell, ...], params: LMParams, carry: tuple, x_t: Any
 ) -> tuple[tuple, jax.Array]:
   w_t, rng_t = _step_input(config, x_t)
-  uniforms = None
-  if rng_t is not None and config.dropout > 0:
-    # One draw per stream for all dropout sites of the step (cheaper than one per site).
-    keys = jax.vmap(jax.random.wrap_key_data)(rng_t)
-    width = max(config.hidden, config.embedding_dim)
-    uniforms = jax.vmap(jax.random.uniform, (0, None))(keys, (config.layers + 1, width))
-  drop = functools.partial(_dropout, uniforms, 1.0 - config.dropout)
+  drop = functools.partial(_dropout, _uniforms(config, rng_t), 1.0 - config.dropout)
   h = drop(params.embedding[w_t], 0)
   new_carry = []
   for layer, (cell, layer_params, layer_carry) in enumerate(
@@ -233,12 +228,54 @@ def _apply(
   return tuple(new_carry), h
 
 
+def _scan(
+  config: LMConfig,
+  cells: tuple[Cell, ...],
+  params: LMParams,
+  carry: tuple,
+  inputs: Any,
+  unroll: int | bool = 1,
+) -> tuple[tuple, jax.Array, tuple]:
+  """`_apply` over a window (`Cell.scan`), layer by layer: the same function, faster.
+
+  Layer l at step t reads only layer l - 1's output at step t, so the window runs
+  one layer at a time, each with its cell's own scan where it has one (Flax's LSTMs
+  and GRU: `gated`), and the work that does not depend on the carry (the embedding
+  lookup, the dropout masks) is done for all steps at once, outside the loops.
+  """
+  w, rng = _step_input(config, inputs)
+  # The masks of every step drawn at once, each from its step's keys as `_apply` draws them.
+  uniforms = None if rng is None else jax.vmap(functools.partial(_uniforms, config))(rng)
+  drop = functools.partial(_dropout, uniforms, 1.0 - config.dropout)
+  h = drop(params.embedding[w], 0)
+  finals, carries = [], []
+  for layer, (cell, layer_params, layer_carry) in enumerate(
+    zip(cells, params.layers, carry, strict=True)
+  ):
+    run = scan_steps(cell, layer_params, layer_carry, h, unroll=unroll, keep_carries=True)
+    h = drop(run.outputs, layer + 1)
+    finals.append(run.carry)
+    carries.append(run.carries)
+  return tuple(finals), h, tuple(carries)
+
+
+def _uniforms(config: LMConfig, rng_t: Any) -> jax.Array | None:
+  """One step's dropout draws, `[batch, layers + 1, width]`, or None without dropout."""
+  if rng_t is None or config.dropout == 0:
+    return None
+  # One draw per stream for all dropout sites of the step (cheaper than one per site).
+  keys = jax.vmap(jax.random.wrap_key_data)(rng_t)
+  width = max(config.hidden, config.embedding_dim)
+  return jax.vmap(jax.random.uniform, (0, None))(keys, (config.layers + 1, width))
+
+
 def _dropout(uniforms: jax.Array | None, keep: float, h: jax.Array, site: int) -> jax.Array:
   # Inverted dropout, an independent mask per stream: scaled up in training, so
-  # evaluation (no masks) needs no correction.
+  # evaluation (no masks) needs no correction. `uniforms` and `h` have the same leading
+  # axes: `[batch]` for a step, `[time, batch]` for a window.
   if uniforms is None:
     return h
-  return jnp.where(uniforms[:, site, : h.shape[1]] < keep, h / keep, 0.0)
+  return jnp.where(uniforms[..., site, : h.shape[-1]] < keep, h / keep, 0.0)
 
 
 def _head(params: LMParams, h_t: jax.Array) -> jax.Array:
@@ -423,7 +460,8 @@ def evaluator(
   @jax.jit
   def chunk_loss(params, carry, inputs, targets):
     xs = time_major(inputs)
-    run = scan_steps(full_step(model), params, carry, (xs, None))
+    # The model itself, not its step: its own scan, where it has one, runs the window.
+    run = scan_steps(model, params, carry, map_steps(model.embed, params, (xs, None)))
     logits = map_steps(model.head, params, run.outputs)
     return run.carry, jnp.sum(jax.vmap(cross_entropy)(logits, time_major(targets)))
 

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from scan_checks import scan_of_apply, scan_summary
 
 import tbptt_jax
 
@@ -322,28 +323,6 @@ def test_an_embed_inside_a_stack_is_applied_in_the_step():
   np.testing.assert_allclose(out_t, model.head(params, want), rtol=1e-6)
 
 
-def _scan_of_apply(cell, params, carry, xs, unroll):
-  """`jax.lax.scan` of the cell's step: what a cell's own `scan` must equal."""
-
-  def body(c, x_t):
-    c, y_t = cell.apply(params, c, x_t)
-    return c, (y_t, c)
-
-  carry, (outputs, carries) = jax.lax.scan(body, carry, xs, unroll=unroll)
-  return carry, outputs, carries
-
-
-def _scan_summary(scan, params, carry, xs):
-  """A scalar of every output of a scan, each weighted differently, and its gradients."""
-
-  def summary(params, carry, xs):
-    final, outputs, carries = scan(params, carry, xs)
-    leaves = jax.tree.leaves((final, outputs, carries))
-    return sum(jnp.sum(jnp.sin((i + 1.0) * leaf)) for i, leaf in enumerate(leaves))
-
-  return jax.value_and_grad(summary, argnums=(0, 1, 2))(params, carry, xs)
-
-
 @pytest.mark.parametrize("activation", [jnp.tanh, jax.nn.relu])
 @pytest.mark.parametrize("unroll", [1, True])
 def test_elman_scan_is_the_scan_of_its_step_with_its_own_backward_pass(activation, unroll):
@@ -355,8 +334,8 @@ def test_elman_scan_is_the_scan_of_its_step_with_its_own_backward_pass(activatio
     xs = jnp.asarray(rng.standard_normal((6, 3, 2)))
     s_0 = jnp.asarray(rng.standard_normal((3, 4)))
     params = cell.init(jax.random.key(0), xs[0])
-    got = _scan_summary(lambda p, c, x: cell.scan(p, c, x, unroll), params, s_0, xs)
-    want = _scan_summary(lambda p, c, x: _scan_of_apply(cell, p, c, x, unroll), params, s_0, xs)
+    got = scan_summary(lambda p, c, x: cell.scan(p, c, x, unroll), params, s_0, xs)
+    want = scan_summary(lambda p, c, x: scan_of_apply(cell, p, c, x, unroll), params, s_0, xs)
   chex.assert_trees_all_close(got, want, rtol=1e-12, atol=1e-13)
   with pytest.raises(ValueError, match=r"each input step must have shape \[batch, in_features=2\]"):
     cell.scan(params, s_0, xs[..., :1], 1)
@@ -384,8 +363,8 @@ def test_a_stack_with_a_scan_runs_layer_by_layer_as_its_step_does():
     xs = jnp.asarray(rng.standard_normal((5, 2, 3)))
     params = model.init(jax.random.key(0), xs[0])
     carry = jax.tree.map(lambda c: c + 0.1, model.initial_carry(xs[0]))
-    got = _scan_summary(lambda p, c, x: model.scan(p, c, x, 1), params, carry, xs)
-    want = _scan_summary(lambda p, c, x: _scan_of_apply(model, p, c, x, 1), params, carry, xs)
+    got = scan_summary(lambda p, c, x: model.scan(p, c, x, 1), params, carry, xs)
+    want = scan_summary(lambda p, c, x: scan_of_apply(model, p, c, x, 1), params, carry, xs)
   chex.assert_trees_all_close(got, want, rtol=1e-11, atol=1e-12)
 
 

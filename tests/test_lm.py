@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from scan_checks import scan_of_apply, scan_summary
 
 import tbptt_jax
 from tbptt_jax import lm
@@ -121,6 +122,28 @@ def test_dropout_in_training_drops_and_rescales_non_recurrent_activations():
   assert not np.any(np.asarray(h_eval) == 0)
   # Different streams get different masks.
   assert not np.array_equal(dropped[0], dropped[1])
+
+
+def test_the_window_scan_is_the_scan_of_the_step_with_the_same_dropout_masks():
+  """The model's own scan (embedding and masks for all steps at once, then each layer's LSTM
+  scan) is `jax.lax.scan` of its step, values and gradients, at float64."""
+  cfg = config(cell="optimized_lstm", dropout=0.3)
+  model, params = init(cfg)
+  rng = np.random.default_rng(4)
+  with jax.enable_x64(True):
+    params = jax.tree.map(lambda p: jnp.asarray(p, jnp.float64), params)
+    carry = jax.tree.map(
+      lambda c: jnp.asarray(rng.standard_normal(c.shape)),
+      model.initial_carry((tokens(BATCH), None)),
+    )
+    keys = jnp.asarray(rng.integers(0, 2**32, (5, BATCH, 2)), jnp.uint32)
+    xs = (jnp.asarray(tokens(5 * BATCH).reshape(5, BATCH)), keys)
+    # The inputs are integers (tokens and keys): gradients with respect to params and carry.
+    got = scan_summary(lambda p, c, x: model.scan(p, c, x, 1), params, carry, xs, wrt=(0, 1))
+    want = scan_summary(
+      lambda p, c, x: scan_of_apply(model, p, c, x, 1), params, carry, xs, wrt=(0, 1)
+    )
+  chex.assert_trees_all_close(got, want, rtol=1e-12, atol=1e-12)
 
 
 def test_a_model_without_dropout_takes_token_ids_alone():
