@@ -1,4 +1,4 @@
-"""What each technique is worth on the latency-bound r2rt preset, side by side in one process.
+"""What each technique is worth on r2rt and on the small language model, side by side.
 
 r2rt (Elman state 16, 2 classes, batch 200, k 10, Adam) spends its time in the loop over time,
 whose steps are too small to keep a core busy: every operation left in the loop is paid k times
@@ -16,7 +16,16 @@ warm-up, medians of the rounds:
 each with the window's scan rolled (`unroll=1`) and unrolled in full (`unroll=True`, the
 preset's setting).
 
-  python benchmarks/hoisting.py [--seconds 60] [--json]
+With `--preset small` (2 x LSTM 200, vocabulary 10,000, batch 20, k 20, SGD), two trainers of
+the same language model alternate, the window's scan rolled:
+
+  stepwise          `lax.scan` of the model's step (embedding, both LSTM layers, dropout),
+                    differentiated by JAX (the model's own `scan` removed)
+  gated scans       the model's own `scan`: the embedding of all steps at once, then each layer
+                    over the window with its LSTM scan (`tbptt_jax.gated`: the input projection
+                    of all steps in one product, the weight gradients after the loop)
+
+  python benchmarks/hoisting.py [--preset r2rt|small] [--seconds 60] [--json]
 """
 
 from __future__ import annotations
@@ -29,38 +38,46 @@ import numpy as np
 import throughput
 
 import tbptt_jax as tj
-from tbptt_jax import synthetic
+from tbptt_jax import lm, synthetic
 
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--seconds", type=float, default=60, help="measuring time")
+  parser.add_argument("--preset", choices=("r2rt", "small"), default="r2rt")
   parser.add_argument("--json", action="store_true")
   args = parser.parse_args(argv)
-  p = throughput.PRESETS["r2rt"]
+  p = throughput.PRESETS[args.preset]
   steps = p.k * p.updates_per_round
   tokens = np.random.default_rng(0).integers(0, p.vocab, (p.batch, steps + 1)).astype(np.int32)
-  models = {
-    "stepwise": synthetic.model(tj.elman(p.hidden))._replace(scan=None),
-    "hoisted": throughput.r2rt_model(p.hidden)._replace(scan=None),
-    "hoisted + scan": throughput.r2rt_model(p.hidden),
-  }
+  if args.preset == "r2rt":
+    models = {
+      "stepwise": synthetic.model(tj.elman(p.hidden))._replace(scan=None),
+      "hoisted": throughput.r2rt_model(p.hidden)._replace(scan=None),
+      "hoisted + scan": throughput.r2rt_model(p.hidden),
+    }
+    unrolls = (1, True)
+  else:
+    model = lm.language_model(lm.LMConfig(p.vocab, p.hidden, p.layers, "optimized_lstm"))
+    models = {"stepwise": model._replace(scan=None), "gated scans": model}
+    unrolls = (1,)
   runners = {
     f"{name} unroll={'full' if unroll is True else unroll}": throughput.jax_runner(
       p, tokens, unroll, model=model
     )
     for name, model in models.items()
-    for unroll in (1, True)
+    for unroll in unrolls
   }
   first = next(iter(runners))
   times = common.alternate(runners, args.seconds, min_rounds=5, first=first)
   rates = {name: p.batch * steps / float(np.median(ts)) for name, ts in times.items()}
   base = rates[first]
-  print(f"{'r2rt trainer':30} {'tokens/s':>12} {'vs ' + first:>22}  rounds")
+  print(f"{args.preset + ' trainer':30} {'tokens/s':>12} {'vs ' + first:>22}  rounds")
   for name, rate in rates.items():
     print(f"{name:30} {rate:12,.0f} {rate / base:21.2f}x  {len(times[name])}")
   summary = common.summary(
     "hoisting",
+    preset=args.preset,
     tokens_per_s=rates,
     relative={name: rate / base for name, rate in rates.items()},
     rounds={name: len(ts) for name, ts in times.items()},
