@@ -268,38 +268,6 @@ class TorchBaseline(NamedTuple):
   precision_settings: dict[str, Any]
 
 
-def _torch_model(torch, p: throughput.Preset):
-  """throughput.torch_runner's model: `nn.RNN` (r2rt's Elman) or `nn.LSTM`, embedding, readout."""
-  nn = torch.nn
-
-  class Model(nn.Module):
-    def __init__(self):
-      super().__init__()
-      if p.cell == "elman":
-        self.embed = lambda x: nn.functional.one_hot(x, p.vocab).float()
-        self.rnn = nn.RNN(p.vocab, p.hidden, p.layers, nonlinearity="tanh")
-      else:
-        self.embed = nn.Embedding(p.vocab, p.hidden)
-        self.rnn = nn.LSTM(p.hidden, p.hidden, p.layers, dropout=p.dropout)
-      self.drop = nn.Dropout(p.dropout)
-      self.out = nn.Linear(p.hidden, p.vocab)
-
-    def forward(self, x, h):
-      y, h = self.rnn(self.drop(self.embed(x)), h)
-      return self.out(self.drop(y)), h
-
-  return Model()
-
-
-def _torch_optimizer(torch, model, p: throughput.Preset):
-  """`(optimizer, clip)` as throughput.torch_runner makes them."""
-  if p.optimizer == "sgd":
-    # Zaremba's lr and clip are for the loss summed over k steps; on the mean loss
-    # that is lr * k and clip / k (as pytorch/examples uses lr 20, clip 0.25).
-    return torch.optim.SGD(model.parameters(), lr=p.lr * p.k), p.clip / p.k
-  return torch.optim.Adam(model.parameters(), lr=p.lr), None
-
-
 def torch_baseline(p: throughput.Preset, tokens: np.ndarray, precision: str):
   """throughput.torch_runner on the GPU when there is one (else the CPU), or None without
   PyTorch; bfloat16 runs the forward pass and the loss under `torch.autocast`."""
@@ -312,8 +280,8 @@ def torch_baseline(p: throughput.Preset, tokens: np.ndarray, precision: str):
   torch.manual_seed(0)
   torch.set_num_threads(os.cpu_count() or 1)
   torch.backends.cudnn.benchmark = True  # cuDNN picks its fastest kernels for these shapes
-  model = _torch_model(torch, p).to(device)
-  optimizer, clip = _torch_optimizer(torch, model, p)
+  model = throughput.torch_model(torch, p).to(device)
+  optimizer, clip = throughput.torch_optimizer(torch, model, p)
   data = torch.from_numpy(tokens.T.astype(np.int64).copy()).to(device)  # [time, batch]
   window = functools.partial(_torch_window, torch, model, data, p, precision == "bfloat16")
   zeros = torch.zeros(p.layers, p.batch, p.hidden, device=device)

@@ -115,15 +115,10 @@ def jax_runner(
   return round_
 
 
-def torch_runner(p: Preset, tokens: np.ndarray):
-  """The same round in idiomatic PyTorch, or None without PyTorch."""
-  try:
-    import torch
-    from torch import nn
-  except ImportError:
-    return None
-  torch.manual_seed(0)
-  torch.set_num_threads(os.cpu_count() or 1)
+def torch_model(torch, p: Preset):
+  """The preset's network in idiomatic PyTorch: `nn.RNN` (r2rt's Elman on one-hot inputs) or
+  `nn.LSTM` after an embedding, dropout on the non-recurrent connections, a linear readout."""
+  nn = torch.nn
 
   class Model(nn.Module):
     def __init__(self):
@@ -141,15 +136,29 @@ def torch_runner(p: Preset, tokens: np.ndarray):
       y, h = self.rnn(self.drop(self.embed(x)), h)
       return self.out(self.drop(y)), h
 
-  model = Model()
+  return Model()
+
+
+def torch_optimizer(torch, model, p: Preset):
+  """`(optimizer, clip)` for `model`: the preset's optimizer, and the norm to clip at or None."""
   if p.optimizer == "sgd":
     # Zaremba's lr and clip are for the loss summed over k steps; on the mean loss
     # that is lr * k and clip / k (as pytorch/examples uses lr 20, clip 0.25).
-    optimizer = torch.optim.SGD(model.parameters(), lr=p.lr * p.k)
-    clip = p.clip / p.k
-  else:
-    optimizer = torch.optim.Adam(model.parameters(), lr=p.lr)
-    clip = None
+    return torch.optim.SGD(model.parameters(), lr=p.lr * p.k), p.clip / p.k
+  return torch.optim.Adam(model.parameters(), lr=p.lr), None
+
+
+def torch_runner(p: Preset, tokens: np.ndarray):
+  """The same round in idiomatic PyTorch, or None without PyTorch."""
+  try:
+    import torch
+    from torch import nn
+  except ImportError:
+    return None
+  torch.manual_seed(0)
+  torch.set_num_threads(os.cpu_count() or 1)
+  model = torch_model(torch, p)
+  optimizer, clip = torch_optimizer(torch, model, p)
   criterion = nn.CrossEntropyLoss()
   data = torch.from_numpy(tokens.T.astype(np.int64).copy())  # [time, batch], time-major
   zeros = torch.zeros(p.layers, p.batch, p.hidden)
