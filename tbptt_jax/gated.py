@@ -63,23 +63,29 @@ _GRU_GATES = ("r", "z", "n")
 
 def lstm_weights(variables: Params) -> LSTMWeights:
   """The fused weights of a Flax LSTM's variables (`nn.LSTMCell` and `nn.OptimizedLSTMCell`)."""
-  p = variables["params"]
+  side_by_side = functools.partial(_side_by_side, variables["params"], _LSTM_GATES)
   return LSTMWeights(
-    input=jnp.concatenate([p[f"i{g}"]["kernel"] for g in _LSTM_GATES], axis=-1),
-    recurrent=jnp.concatenate([p[f"h{g}"]["kernel"] for g in _LSTM_GATES], axis=-1),
-    bias=jnp.concatenate([p[f"h{g}"]["bias"] for g in _LSTM_GATES], axis=-1),
+    input=side_by_side("i", "kernel"),
+    recurrent=side_by_side("h", "kernel"),
+    bias=side_by_side("h", "bias"),
   )
 
 
 def gru_weights(variables: Params) -> GRUWeights:
   """The fused weights of a Flax `nn.GRUCell`'s variables."""
-  p = variables["params"]
+  side_by_side = functools.partial(_side_by_side, variables["params"], _GRU_GATES)
   return GRUWeights(
-    input=jnp.concatenate([p[f"i{g}"]["kernel"] for g in _GRU_GATES], axis=-1),
-    input_bias=jnp.concatenate([p[f"i{g}"]["bias"] for g in _GRU_GATES], axis=-1),
-    recurrent=jnp.concatenate([p[f"h{g}"]["kernel"] for g in _GRU_GATES], axis=-1),
-    recurrent_bias=p["hn"]["bias"],
+    input=side_by_side("i", "kernel"),
+    input_bias=side_by_side("i", "bias"),
+    recurrent=side_by_side("h", "kernel"),
+    recurrent_bias=variables["params"]["hn"]["bias"],
   )
+
+
+def _side_by_side(params: Params, gates: tuple[str, ...], side: str, leaf: str) -> jax.Array:
+  """Flax's per-gate Dense `leaf`s of one side (`"i"` input, `"h"` recurrent), concatenated in
+  the order of `gates` along the features."""
+  return jnp.concatenate([params[side + g][leaf] for g in gates], axis=-1)
 
 
 def lstm_scan(variables: Params, carry: Any, xs: jax.Array, unroll: int | bool = 1):
