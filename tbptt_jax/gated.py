@@ -102,7 +102,9 @@ def lstm_scan(variables: Params, carry: Any, xs: jax.Array, unroll: int | bool =
     carries after every step, stacked on a leading time axis.
   """
   c_0, h_0 = carry
-  c_T, h_T, cs, hs = _lstm_window(unroll, lstm_weights(variables), c_0, h_0, xs)
+  w = lstm_weights(variables)
+  _check_window("lstm_scan", w, (c_0, h_0), xs)
+  c_T, h_T, cs, hs = _lstm_window(unroll, w, c_0, h_0, xs)
   return (c_T, h_T), hs, (cs, hs)
 
 
@@ -112,7 +114,9 @@ def gru_scan(variables: Params, carry: jax.Array, xs: jax.Array, unroll: int | b
   Returns:
     `(h_T, hs, hs)`: the final carry, the outputs and the carries after every step.
   """
-  h_T, hs = _gru_window(unroll, gru_weights(variables), carry, xs)
+  w = gru_weights(variables)
+  _check_window("gru_scan", w, (carry,), xs)
+  h_T, hs = _gru_window(unroll, w, carry, xs)
   return h_T, hs, hs
 
 
@@ -148,6 +152,24 @@ def _scan_or_loop(fused, apply, variables: Params, carry: Any, xs: jax.Array, un
 
   carry, (ys, carries) = jax.lax.scan(step, carry, xs, unroll=unroll)
   return carry, ys, carries
+
+
+def _check_window(where: str, w: LSTMWeights | GRUWeights, states: tuple, xs: jax.Array) -> None:
+  """Shapes checked when traced (free under jit): a wrong one would otherwise surface as a
+  bare dot_general error from inside the loop."""
+  in_features, hidden = w.input.shape[0], w.recurrent.shape[0]
+  if jnp.ndim(xs) < 3 or jnp.shape(xs)[-1] != in_features:
+    raise ValueError(
+      f"{where}: xs must have shape [time, batch, in_features={in_features}], "
+      f"got {list(jnp.shape(xs))}"
+    )
+  want = [*jnp.shape(xs)[1:-1], hidden]
+  for state in states:
+    if list(jnp.shape(state)) != want:
+      raise ValueError(
+        f"{where}: each state in carry must have shape [batch, hidden] = {want}, "
+        f"got {list(jnp.shape(state))}"
+      )
 
 
 def _rows(a: jax.Array) -> jax.Array:

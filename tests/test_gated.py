@@ -159,3 +159,23 @@ def test_only_the_cells_as_flax_defines_them_get_a_gated_scan():
     got = cell.scan(params, carry, xs, 1)
     want = scan_of_apply(cell, params, carry, xs, 1)
   chex.assert_trees_all_equal(got, want)
+
+
+@pytest.mark.parametrize("name", ["lstm", "gru"])
+def test_a_window_of_the_wrong_shape_is_refused_by_name(name):
+  cell = tbptt_jax.flax_cell(_GATED[name](4))
+  xs = jnp.ones((5, 2, 3))
+  params, carry = cell.init(jax.random.key(0), xs[0]), cell.initial_carry(xs[0])
+  where = f"{name}_scan"
+  with pytest.raises(
+    ValueError,
+    match=rf"{where}: xs must have shape \[time, batch, in_features=3\], got \[5, 2, 7\]",
+  ):
+    cell.scan(params, carry, jnp.ones((5, 2, 7)), 1)
+  short = jax.tree.map(lambda c: c[:1], carry)
+  with pytest.raises(
+    ValueError,
+    match=rf"{where}: each state in carry must have shape \[batch, hidden\] = \[2, 4\], "
+    r"got \[1, 4\]",
+  ):
+    cell.scan(params, short, xs, 1)
