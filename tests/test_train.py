@@ -123,7 +123,8 @@ def test_carry_is_the_online_forward_pass(style, k1, k2):
     cut = slice(start, start + k1)
     carry, _ = tbptt_jax.unroll(model.apply, state.params, carry, x[:, cut])
     state, _ = trainer.update(state, x[:, cut], y[:, cut])
-  chex.assert_trees_all_close(state.carry, carry, rtol=1e-6, atol=1e-7)
+  # float32 rounding only: a block run with another update's parameters is off by ~lr * grad.
+  chex.assert_trees_all_close(state.carry, carry, rtol=1e-5, atol=1e-6)
 
 
 def test_styles_coincide_online_for_k1_1():
