@@ -35,7 +35,7 @@ pass and the loss under `torch.autocast(device_type, dtype=torch.bfloat16)`.
 tbptt_jax has no such switch, so `mixed_precision` wraps the model: master
 parameters, optimizer and carried state stay float32; the window computes in
 bfloat16; logits come back as float32 for the loss. The wrapped cell's
-`apply`, `head` and `embed` cast the parameters and the floating-point inputs
+`apply`, `head` (and `head_steps`) and `embed` cast the parameters and the floating-point inputs
 to bfloat16 (token ids and PRNG key data are left alone) and cast the new carry
 back to its own dtype, so that a `lax.scan` over `apply` keeps one carry type.
 Where the model has its own window `scan` (`Cell.scan`, as r2rt's Elman cell
@@ -82,7 +82,7 @@ import throughput
 
 import tbptt_jax as tj
 from tbptt_jax import lm
-from tbptt_jax.cells import map_steps
+from tbptt_jax.cells import map_head, map_steps
 from tbptt_jax.unroll import scan_steps, time_major
 
 # Zaremba et al.'s large LSTM in throughput.py's terms: medium, with large's size and recipe.
@@ -150,18 +150,23 @@ def mixed_precision(cell: tj.Cell, dtype: Any = jnp.bfloat16) -> tj.Cell:
   """`cell` computing in `dtype` on its float32 parameters and carry (see the module docstring).
 
   `init` and `initial_carry` are the cell's, so parameters, optimizer state and carried state
-  stay float32; `apply`, `head`, `embed` and `scan` cast the parameters and floating-point
-  inputs to `dtype` and their results back: the carry to its own dtype, the readout (the
-  `head`'s, or the step's output of a cell without one) to float32, for the loss.
+  stay float32; `apply`, `head`, `head_steps`, `embed` and `scan` cast the parameters and
+  floating-point inputs to `dtype` and their results back: the carry to its own dtype, the
+  readout (the head's, or the step's output of a cell without one) to float32, for the loss.
   """
+
+  def readout(head: Callable | None) -> Callable | None:
+    return None if head is None else functools.partial(_mixed_head, head, dtype)
+
   return tj.Cell(
     init=cell.init,
     initial_carry=cell.initial_carry,
     apply=functools.partial(_mixed_apply, cell, dtype),
-    head=None if cell.head is None else functools.partial(_mixed_head, cell.head, dtype),
+    head=readout(cell.head),
     embed=None if cell.embed is None else functools.partial(_mixed_embed, cell.embed, dtype),
     scan=None if cell.scan is None else functools.partial(_mixed_scan, cell, dtype),
     scan_resets=cell.scan_resets,
+    head_steps=readout(cell.head_steps),
   )
 
 
@@ -219,7 +224,7 @@ def window_losses(cell, loss_fn, k, unroll, params, carry, inputs, targets) -> j
   def window(carry, window_steps):
     x, y = window_steps
     run = scan_steps(cell, params, carry, map_steps(cell.embed, params, x), unroll=unroll)
-    out = map_steps(cell.head, params, run.outputs)
+    out = map_head(cell, params, run.outputs)
     return run.carry, jnp.mean(jax.vmap(loss_fn)(out, y))
 
   return jax.lax.scan(window, carry, windows)[1]

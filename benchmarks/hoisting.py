@@ -16,14 +16,19 @@ warm-up, medians of the rounds:
 each with the window's scan rolled (`unroll=1`) and unrolled in full (`unroll=True`, the
 preset's setting).
 
-With `--preset small` (2 x LSTM 200, vocabulary 10,000, batch 20, k 20, SGD), two trainers of
+With `--preset small` (2 x LSTM 200, vocabulary 10,000, batch 20, k 20, SGD), three trainers of
 the same language model alternate, the window's scan rolled:
 
   stepwise          `lax.scan` of the model's step (embedding, both LSTM layers, dropout),
-                    differentiated by JAX (the model's own `scan` removed)
+                    differentiated by JAX, and the softmax layer vmapped over the window (the
+                    model's own `scan` and `head_steps` removed)
   gated scans       the model's own `scan`: the embedding of all steps at once, then each layer
                     over the window with its LSTM scan (`tbptt_jax.gated`: the input projection
-                    of all steps in one product, the weight gradients after the loop)
+                    of all steps in one product, the weight gradients after the loop); the
+                    softmax layer still vmapped
+  + window head     the model as it is: also its `head_steps`, the softmax layer over the window
+                    with its own backward pass (the weight gradient without a transposed copy of
+                    the logits' gradient, the bias gradient as a product)
 
   python benchmarks/hoisting.py [--preset r2rt|small] [--seconds 60] [--json]
 """
@@ -59,7 +64,12 @@ def main(argv=None):
     unrolls = (1, True)
   else:
     model = lm.language_model(lm.LMConfig(p.vocab, p.hidden, p.layers, "optimized_lstm"))
-    models = {"stepwise": model._replace(scan=None), "gated scans": model}
+    vmapped_head = model._replace(head_steps=None)
+    models = {
+      "stepwise": vmapped_head._replace(scan=None),
+      "gated scans": vmapped_head,
+      "+ window head": model,
+    }
     unrolls = (1,)
   runners = {
     f"{name} unroll={'full' if unroll is True else unroll}": throughput.jax_runner(

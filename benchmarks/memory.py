@@ -132,7 +132,7 @@ def remat_gradients(model, params, carry, inputs, targets, segment: int):
   import jax
   import jax.numpy as jnp
 
-  from tbptt_jax.cells import map_steps
+  from tbptt_jax.cells import map_head
   from tbptt_jax.unroll import scan_steps, time_major
 
   batch, time_steps = inputs.shape[:2]
@@ -143,7 +143,7 @@ def remat_gradients(model, params, carry, inputs, targets, segment: int):
   @functools.partial(jax.checkpoint, prevent_cse=False)  # inside a scan, CSE cannot hurt
   def segment_loss(params, carry, x, y):
     run = scan_steps(model, params, carry, x)
-    logits = map_steps(model.head, params, run.outputs)
+    logits = map_head(model, params, run.outputs)
     return run.carry, jnp.sum(jax.vmap(_loss_fn)(logits, y))
 
   def mean_loss(params):

@@ -150,6 +150,7 @@ def artbp_cell(model: Cell, config: ARTBP, *, max_length: int, step_rngs: bool =
     apply=functools.partial(_apply, settings),
     head=model.head,
     embed=None if model.embed is None else functools.partial(_embed, settings),
+    head_steps=model.head_steps,
   )
 
 

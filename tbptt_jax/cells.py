@@ -89,6 +89,11 @@ class Cell(NamedTuple):
       `resets[t, b]`, stream b's carry is replaced by `reset_carry` before step
       t, and no gradient crosses it. The engine then hands it windows that hold
       resets as well.
+    head_steps: optional `head_steps(params, ys) -> outs`, set with `head`: the
+      same function as `jax.vmap` of `head` over the leading (time) axis of
+      `ys`, with a backward pass of its own (e.g. a weight gradient taken as
+      one product over all steps, laid out for a faster kernel than vmap's
+      transpose picks). The engine calls it where it applies `head` to a window.
   """
 
   init: Callable[[jax.Array, Any], Params]
@@ -98,6 +103,7 @@ class Cell(NamedTuple):
   embed: HeadFn | None = None
   scan: ScanFn | None = None
   scan_resets: bool = False
+  head_steps: HeadFn | None = None
 
 
 def map_steps(fn: HeadFn | None, params: Params, steps: Any) -> Any:
@@ -109,6 +115,14 @@ def map_steps(fn: HeadFn | None, params: Params, steps: Any) -> Any:
     return steps
   # vmap over time turns T products [batch, h] x [h, out] into one [T batch, h] x [h, out].
   return jax.vmap(fn, in_axes=(None, 0))(params, steps)
+
+
+def map_head(cell: Cell, params: Params, ys: Any) -> Any:
+  """The cell's `head` on every step of `ys` (leaves `[time, ...]`): its `head_steps` where it
+  has one, else `map_steps` of `head`."""
+  if cell.head_steps is not None:
+    return cell.head_steps(params, ys)
+  return map_steps(cell.head, params, ys)
 
 
 def full_step(cell: Cell) -> StepFn:
@@ -412,6 +426,7 @@ def stack(*cells: Cell) -> Cell:
     raise ValueError(f"stack: expected one or more Cell, got {cells!r}")
   first, last = cells[0], cells[-1]
   head = None if last.head is None else functools.partial(_last_head, last.head)
+  head_steps = None if last.head_steps is None else functools.partial(_last_head, last.head_steps)
   embed = None if first.embed is None else functools.partial(_first_embed, first.embed)
   # Only a stack holding a layer with its own scan has one; others scan the stacked step.
   has_scan = any(c.scan is not None for c in cells)
@@ -424,6 +439,7 @@ def stack(*cells: Cell) -> Cell:
     embed=embed,
     scan=functools.partial(_stack_scan, cells) if has_scan else None,
     scan_resets=scan_resets,
+    head_steps=head_steps,
   )
 
 
@@ -492,7 +508,7 @@ def _stack_scan(
       cell, layer_params, layer_carry, xs, unroll, **layer_resetting
     )
     if i < len(cells) - 1:
-      xs = map_steps(cell.head, layer_params, xs)
+      xs = map_head(cell, layer_params, xs)
     finals.append(layer_carry)
     carries.append(layer_carries)
   return tuple(finals), xs, tuple(carries)

@@ -17,7 +17,7 @@ masks (`tbptt_trainer(..., step_rngs=True)` supplies them; a model with
 dropout needs them in training); with `rng_t = None`, or token ids alone,
 the model is deterministic, as in evaluation. The softmax layer
 is the cell's `head`, so training computes it for all steps of a window in one
-matrix product, outside the scan.
+matrix product, outside the scan (`head_steps`, with its own backward pass).
 
 Evaluation (`evaluator`) is forward only: the state is carried across the
 whole evaluation stream, so every token is predicted from all the text before
@@ -43,7 +43,7 @@ import numpy as np
 import optax
 
 from tbptt_jax import _checks, _files
-from tbptt_jax.cells import CELL_NAMES, Cell, cell_by_name, full_step, map_steps
+from tbptt_jax.cells import CELL_NAMES, Cell, cell_by_name, full_step, map_head, map_steps
 from tbptt_jax.linear_rnn import LRUParams
 from tbptt_jax.streams import batchify
 from tbptt_jax.truncation import block_sizes
@@ -160,6 +160,7 @@ def language_model(config: LMConfig) -> Cell:
     apply=functools.partial(_apply, config, cells),
     head=_head,
     scan=functools.partial(_scan, config, cells),
+    head_steps=_head_steps,
   )
 
 
@@ -281,6 +282,43 @@ def _dropout(uniforms: jax.Array | None, keep: float, h: jax.Array, site: int) -
 def _head(params: LMParams, h_t: jax.Array) -> jax.Array:
   weights = params.embedding if params.softmax is None else params.softmax
   return h_t @ weights.T + params.bias
+
+
+def _head_steps(params: LMParams, hs: jax.Array) -> jax.Array:
+  """`_head` on every step of a window, `hs` `[time, batch, hidden]`, as one product."""
+  weights = params.embedding if params.softmax is None else params.softmax
+  rows = hs.reshape(-1, hs.shape[-1])
+  return _softmax_layer(weights, params.bias, rows).reshape(hs.shape[:-1] + (weights.shape[0],))
+
+
+@jax.custom_vjp
+def _softmax_layer(weights: jax.Array, bias: jax.Array, rows: jax.Array) -> jax.Array:
+  r"""The logits `rows @ weights.T + bias`, `[n, vocab]`, with the backward pass
+
+      dW = (H^T G)^T,   db = 1^T G,   dH = G W
+
+  for the logits' cotangent G `[n, vocab]`. What JAX's transpose would give is the same sums;
+  this layout is faster on XLA's CPU: it transposes H (n x hidden, small) rather than G (n x
+  vocab, the largest array of the update) to reach its row-major matrix product, and takes the
+  bias gradient as a product rather than a reduction over the rows.
+  """
+  return rows @ weights.T + bias
+
+
+def _softmax_layer_forward(weights, bias, rows):
+  return _softmax_layer(weights, bias, rows), (weights, rows)
+
+
+def _softmax_layer_backward(residuals, g):
+  weights, rows = residuals
+  # The barrier keeps H^T a row-major array of its own: without it XLA folds the transpose
+  # back into the product's dimension numbers, and copies G transposed instead.
+  weights_grad = (jax.lax.optimization_barrier(rows.T) @ g).T
+  bias_grad = (jnp.ones((1, g.shape[0]), g.dtype) @ g)[0]
+  return weights_grad, bias_grad, g @ weights
+
+
+_softmax_layer.defvjp(_softmax_layer_forward, _softmax_layer_backward)
 
 
 def uniform_init(rng: jax.Array, params: Any, scale: float) -> Any:
@@ -462,7 +500,7 @@ def evaluator(
     xs = time_major(inputs)
     # The model itself, not its step: its own scan, where it has one, runs the window.
     run = scan_steps(model, params, carry, map_steps(model.embed, params, (xs, None)))
-    logits = map_steps(model.head, params, run.outputs)
+    logits = map_head(model, params, run.outputs)
     return run.carry, jnp.sum(jax.vmap(cross_entropy)(logits, time_major(targets)))
 
   def evaluate(params: Any, tokens: Any) -> Evaluation:

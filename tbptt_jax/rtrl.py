@@ -90,6 +90,7 @@ def rtrl_cell(cell: Cell, *, max_sensitivity_bytes: int = MAX_SENSITIVITY_BYTES)
     initial_carry=functools.partial(_initial_carry, cell, max_sensitivity_bytes),
     apply=functools.partial(_step, full_step(cell)),
     head=cell.head,
+    head_steps=cell.head_steps,
   )
 
 

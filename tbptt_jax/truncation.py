@@ -47,7 +47,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from tbptt_jax import _checks
-from tbptt_jax.cells import Carry, Cell, HeadFn, Params, ScanFn, StepFn, from_step, map_steps
+from tbptt_jax.cells import (
+  Carry,
+  Cell,
+  HeadFn,
+  Params,
+  ScanFn,
+  StepFn,
+  from_step,
+  map_head,
+  map_steps,
+)
 from tbptt_jax.unroll import masked_step, scan_steps, time_major, where_leading
 
 LossFn = Callable[[Any, Any], jax.Array]
@@ -249,7 +259,7 @@ def _window_gradients(cell, loss_fn, k2, params, streams, block, reset_carry, op
       ).carry  # fmt: skip
     run = scan(params, s, map_steps(cell.embed, params, block.inputs), resets=block.resets,
                keep_carries=True)  # fmt: skip
-    loss = _mean_loss(loss_fn, map_steps(cell.head, params, run.outputs), block.targets)
+    loss = _mean_loss(loss_fn, map_head(cell, params, run.outputs), block.targets)
     return loss, (run.carry, run.carries)
 
   (loss, block_run), grads = jax.value_and_grad(objective, has_aux=True)(params)
@@ -283,7 +293,7 @@ def _per_loss_gradients(cell, loss_fn, k2, params, streams, block, reset_carry, 
       steps.valid[window_idx],
     )
     outputs = jax.vmap(window, in_axes=(None, 0, 0))(params, anchors, windows)
-    return _mean_loss(loss_fn, map_steps(cell.head, params, outputs), block.targets)
+    return _mean_loss(loss_fn, map_head(cell, params, outputs), block.targets)
 
   loss, grads = jax.value_and_grad(objective)(params)
   return grads, loss, new_carry, entering

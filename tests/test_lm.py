@@ -12,6 +12,7 @@ from scan_checks import scan_of_apply, scan_summary
 
 import tbptt_jax
 from tbptt_jax import lm
+from tbptt_jax.cells import map_steps
 
 VOCAB, BATCH = 11, 3
 
@@ -144,6 +145,58 @@ def test_the_window_scan_is_the_scan_of_the_step_with_the_same_dropout_masks():
       lambda p, c, x: scan_of_apply(model, p, c, x, 1), params, carry, xs, wrt=(0, 1)
     )
   chex.assert_trees_all_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def head_summary(head_steps, params, hs):
+  """A weighted sum of a window's logits and its gradients with respect to params and states."""
+  weights = jnp.sin(jnp.arange(VOCAB) + 1.0)
+  return jax.value_and_grad(lambda p, h: jnp.sum(weights * head_steps(p, h)), (0, 1))(params, hs)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_the_window_head_is_the_step_head_over_every_step(tie):
+  """`head_steps` (one product, its own backward pass) is vmap of `head`, values and gradients
+  at float64; a wrong gradient is caught."""
+  model, params32 = init(config(tie_embeddings=tie))
+  rng = np.random.default_rng(5)
+  with jax.enable_x64(True):
+    params = jax.tree.map(lambda p: jnp.asarray(p, jnp.float64), params32)
+    hs = jnp.asarray(rng.standard_normal((4, BATCH, 6)))
+    got = head_summary(model.head_steps, params, hs)
+    want = head_summary(lambda p, h: map_steps(model.head, p, h), params, hs)
+    chex.assert_trees_all_close(got, want, rtol=1e-12, atol=1e-12)
+
+    @jax.custom_vjp
+    def off(weights, bias, rows):  # the softmax layer, its bias gradient 1e-9 too large
+      return rows @ weights.T + bias
+
+    def backward(residuals, g):
+      dw, db, dh = lm._softmax_layer_backward(residuals, g)
+      return dw, db * (1 + 1e-9), dh
+
+    off.defvjp(lm._softmax_layer_forward, backward)
+
+    def broken(p, h):
+      weights = p.embedding if p.softmax is None else p.softmax
+      return off(weights, p.bias, h.reshape(-1, 6)).reshape(h.shape[:-1] + (VOCAB,))
+
+    with pytest.raises(AssertionError):
+      chex.assert_trees_all_close(head_summary(broken, params, hs), want, rtol=1e-12, atol=1e-12)
+
+
+def test_the_engine_applies_the_window_head():
+  """The window's gradient goes through `head_steps` (doubled logits: another gradient), and
+  equals the one through vmap of `head`."""
+  model, params32 = init(config())
+  xs, ys = tokens(4 * BATCH).reshape(BATCH, 4), tokens(4 * BATCH, seed=1).reshape(BATCH, 4)
+  doubled = model._replace(head_steps=lambda p, h: 2.0 * model.head_steps(p, h))
+  carry = model.initial_carry(xs[:, 0])
+  grads = [
+    tbptt_jax.cell_gradients(m, lm.cross_entropy, tbptt_jax.Truncation(4), params32, carry, xs, ys)
+    for m in (model, doubled, model._replace(head_steps=None))
+  ]
+  assert not np.allclose(grads[0][0].bias, grads[1][0].bias)
+  chex.assert_trees_all_close(grads[0], grads[2], rtol=1e-5, atol=1e-7)
 
 
 def test_a_model_without_dropout_takes_token_ids_alone():
