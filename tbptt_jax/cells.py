@@ -121,6 +121,8 @@ def map_head(cell: Cell, params: Params, ys: Any) -> Any:
   """The cell's `head` on every step of `ys` (leaves `[time, ...]`): its `head_steps` where it
   has one, else `map_steps` of `head`."""
   if cell.head_steps is not None:
+    if cell.head is None:  # the step (sampling, diagnostics) would skip what windows apply
+      raise ValueError("Cell: head_steps is set without head; set head, its step form, too")
     return cell.head_steps(params, ys)
   return map_steps(cell.head, params, ys)
 

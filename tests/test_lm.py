@@ -196,6 +196,10 @@ def test_the_engine_applies_the_window_head():
     for m in (model, doubled, model._replace(head_steps=None))
   ]
   assert not np.allclose(grads[0][0].bias, grads[1][0].bias)
+  with pytest.raises(ValueError, match="head_steps is set without head"):
+    tbptt_jax.cell_gradients(
+      model._replace(head=None), lm.cross_entropy, tbptt_jax.Truncation(4), params32, carry, xs, ys
+    )
   chex.assert_trees_all_close(grads[0], grads[2], rtol=1e-5, atol=1e-7)
 
 
