@@ -135,7 +135,9 @@ def language_model(config: LMConfig) -> Cell:
   so in training it needs `tbptt_trainer(..., step_rngs=True)`; given token
   ids alone it raises a `ValueError` that says so. A model without dropout
   draws nothing and takes token ids alone. The step output is the top
-  layer's (dropped-out) state; `head` maps it to logits `[batch, vocab]`.
+  layer's (dropped-out) state; `head` maps it to logits `[batch, vocab]`, and
+  `head_steps` a window's states to their logits in one product, with the
+  backward pass of `_softmax_layer`.
 
   Args:
     config: the architecture; see `LMConfig`.
