@@ -289,34 +289,37 @@ def _head(params: LMParams, h_t: jax.Array) -> jax.Array:
 def _head_steps(params: LMParams, hs: jax.Array) -> jax.Array:
   """`_head` on every step of a window, `hs` `[time, batch, hidden]`, as one product."""
   weights = params.embedding if params.softmax is None else params.softmax
-  rows = hs.reshape(-1, hs.shape[-1])
-  return _softmax_layer(weights, params.bias, rows).reshape(hs.shape[:-1] + (weights.shape[0],))
+  return _softmax_layer(weights, params.bias, hs)
 
 
 @jax.custom_vjp
-def _softmax_layer(weights: jax.Array, bias: jax.Array, rows: jax.Array) -> jax.Array:
-  r"""The logits `rows @ weights.T + bias`, `[n, vocab]`, with the backward pass
+def _softmax_layer(weights: jax.Array, bias: jax.Array, hs: jax.Array) -> jax.Array:
+  r"""The logits `hs @ weights.T + bias`, `[..., vocab]`, with the backward pass
 
       dW = (H^T G)^T,   db = 1^T G,   dH = G W
 
-  for the logits' cotangent G `[n, vocab]`. What JAX's transpose would give is the same sums;
-  this layout is faster on XLA's CPU: it transposes H (n x hidden, small) rather than G (n x
-  vocab, the largest array of the update) to reach its row-major matrix product, and takes the
-  bias gradient as a product rather than a reduction over the rows.
+  for the logits' cotangent G `[..., vocab]`, H and G taken as matrices of one row per step and
+  stream. What JAX's transpose would give is the same sums; this layout is faster on XLA's CPU:
+  it transposes H (rows x hidden, small) rather than G (rows x vocab, the largest array of the
+  update) to reach its row-major matrix product, and takes the bias gradient as a product
+  rather than a reduction over the rows. The leading axes are contracted as they are, not
+  merged, so a batch axis split over devices stays split (`tbptt_jax.sharding`).
   """
-  return rows @ weights.T + bias
+  return hs @ weights.T + bias
 
 
-def _softmax_layer_forward(weights, bias, rows):
-  return _softmax_layer(weights, bias, rows), (weights, rows)
+def _softmax_layer_forward(weights, bias, hs):
+  return _softmax_layer(weights, bias, hs), (weights, hs)
 
 
 def _softmax_layer_backward(residuals, g):
-  weights, rows = residuals
+  weights, hs = residuals
+  rows = tuple(range(hs.ndim - 1))  # the leading (step, stream) axes
   # The barrier keeps H^T a row-major array of its own: without it XLA folds the transpose
   # back into the product's dimension numbers, and copies G transposed instead.
-  weights_grad = (jax.lax.optimization_barrier(rows.T) @ g).T
-  bias_grad = (jnp.ones((1, g.shape[0]), g.dtype) @ g)[0]
+  hs_t = jax.lax.optimization_barrier(jnp.moveaxis(hs, -1, 0))
+  weights_grad = jax.lax.dot_general(hs_t, g, ((tuple(r + 1 for r in rows), rows), ((), ()))).T
+  bias_grad = jax.lax.dot_general(jnp.ones(g.shape[:-1], g.dtype), g, ((rows, rows), ((), ())))
   return weights_grad, bias_grad, g @ weights
 
 

@@ -39,10 +39,10 @@ def pytest_configure(config):
   The same processes compile with JAX's `jax_disable_most_optimizations`: XLA still fuses and
   simplifies the program as it does for users, but LLVM skips its expensive passes on the
   machine code, a large part of a compile at the suite's tiny shapes (compile-bound test files
-  take 0.84-0.93x the time, benchmarks/RESULTS.md section 15). The arithmetic is the same IEEE operations; only their rounding
-  order can differ, within float32's last bits. Speed is measured in `benchmarks/`, which runs
-  at XLA's default. `JAX_DISABLE_MOST_OPTIMIZATIONS=0` in the environment runs the suite at
-  the default too.
+  take 0.84-0.93x the time, benchmarks/RESULTS.md section 15). The arithmetic is the same IEEE
+  operations; only their rounding order can differ, within float32's last bits. Speed is
+  measured in `benchmarks/`, which runs at XLA's default. `JAX_DISABLE_MOST_OPTIMIZATIONS=0` in
+  the environment runs the suite at the default too.
   """
   del config
   controller = os.environ.get("PYTEST_XDIST_WORKER") is None
