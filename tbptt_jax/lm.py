@@ -281,15 +281,18 @@ def _dropout(uniforms: jax.Array | None, keep: float, h: jax.Array, site: int) -
   return jnp.where(uniforms[..., site, : h.shape[-1]] < keep, h / keep, 0.0)
 
 
+def _softmax_weights(params: LMParams) -> jax.Array:
+  """The softmax layer's weights `[vocab, hidden]`: the embedding's when tied."""
+  return params.embedding if params.softmax is None else params.softmax
+
+
 def _head(params: LMParams, h_t: jax.Array) -> jax.Array:
-  weights = params.embedding if params.softmax is None else params.softmax
-  return h_t @ weights.T + params.bias
+  return h_t @ _softmax_weights(params).T + params.bias
 
 
 def _head_steps(params: LMParams, hs: jax.Array) -> jax.Array:
   """`_head` on every step of a window, `hs` `[time, batch, hidden]`, as one product."""
-  weights = params.embedding if params.softmax is None else params.softmax
-  return _softmax_layer(weights, params.bias, hs)
+  return _softmax_layer(_softmax_weights(params), params.bias, hs)
 
 
 @jax.custom_vjp

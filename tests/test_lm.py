@@ -177,8 +177,7 @@ def test_the_window_head_is_the_step_head_over_every_step(tie):
     off.defvjp(lm._softmax_layer_forward, backward)
 
     def broken(p, h):
-      weights = p.embedding if p.softmax is None else p.softmax
-      return off(weights, p.bias, h)
+      return off(lm._softmax_weights(p), p.bias, h)
 
     with pytest.raises(AssertionError):
       chex.assert_trees_all_close(head_summary(broken, params, hs), want, rtol=1e-12, atol=1e-12)
